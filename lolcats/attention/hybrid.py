@@ -1,0 +1,127 @@
+"""The swapped attention layer: the original projections, Hedgehog feature maps, a softmax window."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lolcats.attention.cache import LolcatsCacheLayer, layer_state
+from lolcats.config import AttentionConfig
+from lolcats.feature_maps import build_feature_map
+from lolcats.models import Family, rotary_function
+from lolcats.ops import decode_step, hybrid_attention_chunked, prefill_state, repeat_kv
+
+
+def token_validity(attention_mask: Tensor | None, q_len: int) -> Tensor | None:
+    """(B, q_len) bool, False for padding among the current tokens, from whatever mask HF passes.
+
+    HF gives a 2D padding mask (flash-attention), a 4D boolean mask (sdpa) or a 4D additive float
+    mask (eager). A current token is real iff it may attend to itself: the diagonal of the last
+    q_len key columns. This also holds for sliding-window masks.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -q_len:].bool()
+    m = attention_mask[:, 0, -q_len:, -q_len:]  # (B, q_len, q_len)
+    diag = m.diagonal(dim1=-2, dim2=-1)
+    if diag.dtype != torch.bool:
+        diag = diag == 0
+    return diag
+
+
+class LolcatsAttention(nn.Module):
+    """Hybrid sliding-window + linear attention (LoLCATs, paper Eq. 7) in place of softmax attention.
+
+    Keeps the original module's q/k/v/o projections (and q/k norms) under their original names, so
+    state dicts and LoRA target names are unchanged; adds per-head feature maps for q and k and a
+    per-head window factor γ = sigmoid(ω).
+    """
+
+    def __init__(self, base: nn.Module, family: Family, config: AttentionConfig, layer_idx: int,
+                 num_heads: int, num_kv_heads: int) -> None:
+        super().__init__()
+        for name in family.child_names():
+            self.add_module(name, getattr(base, name))
+        self.family = family
+        self.attn_config = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = base.head_dim
+        self.scaling = float(base.scaling)
+        self.base_class = type(base).__name__
+        self._rotary = rotary_function(base)
+        self.feature_map_q = build_feature_map(
+            config.feature_map, num_heads, self.head_dim, config.feature_dim, config.feature_init)
+        self.feature_map_k = build_feature_map(
+            config.feature_map, num_heads, self.head_dim, config.feature_dim, config.feature_init)
+        self.window_factor = nn.Parameter(torch.full((num_heads,), float(config.window_factor_init)))
+
+    def extra_repr(self) -> str:
+        c = self.attn_config
+        return (f"layer={self.layer_idx}, variant={c.variant}, window={c.window_size}, "
+                f"feature_map={c.feature_map}, heads={self.num_heads}/{self.num_kv_heads}")
+
+    def qkv(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, H, T, D), k and v (B, Hkv, T, D), after q/k norm and rotary, as the original computes them."""
+        q, k, v = self.family.project(self, hidden_states, self.num_heads, self.num_kv_heads, self.head_dim)
+        cos, sin = position_embeddings
+        q, k = self._rotary(q, k, cos, sin)
+        return q, k, v
+
+    def features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """φ_q(q) and φ_k(k) with k repeated to the query heads: (B, H, T, F) each."""
+        return self.feature_map_q(q), self.feature_map_k(repeat_kv(k, self.num_heads // self.num_kv_heads))
+
+    def feature_k(self, k: Tensor) -> Tensor:
+        return self.feature_map_k(k)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: object | None = None,
+        **kwargs: object,
+    ) -> tuple[Tensor, None]:
+        b, t, _ = hidden_states.shape
+        q, k, v = self.qkv(hidden_states, position_embeddings)
+        dtype = torch.promote_types(q.dtype, torch.float32)  # half inputs compute in float32
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        valid = token_validity(attention_mask, t)
+        if past_key_values is None:
+            y = self.attend(q, k, v, valid)
+        else:
+            y = self.attend_cached(q, k, v, valid, layer_state(past_key_values, self.layer_idx))
+        y = y.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
+        return self.o_proj(y), None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
+        """Parallel O(T) form over a whole sequence: (B, H, T, D) -> (B, H, T, D)."""
+        c = self.attn_config
+        fq, fk = self.features(q, k)
+        return hybrid_attention_chunked(
+            q, k, v, fq, fk, torch.sigmoid(self.window_factor), variant=c.variant,
+            window_size=c.window_size, scale=self.scaling, valid=valid, chunk_size=c.chunk_size)
+
+    def attend_cached(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
+                      cache: LolcatsCacheLayer) -> Tensor:
+        """Attend with a decode state: a prompt is run in parallel and summarised, later tokens step."""
+        c = self.attn_config
+        gamma = torch.sigmoid(self.window_factor)
+        if cache.state is None:
+            fq, fk = self.features(q, k)
+            y = hybrid_attention_chunked(
+                q, k, v, fq, fk, gamma, variant=c.variant, window_size=c.window_size,
+                scale=self.scaling, valid=valid, chunk_size=c.chunk_size)
+            cache.state = prefill_state(k, v, fk, variant=c.variant, window_size=c.window_size, valid=valid)
+            return y
+        fq = self.feature_map_q(q)
+        ys = []
+        for i in range(q.shape[2]):
+            y, cache.state = decode_step(
+                cache.state, q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], fq[:, :, i : i + 1],
+                gamma, self.feature_k, variant=c.variant, window_size=c.window_size, scale=self.scaling,
+                valid=None if valid is None else valid[:, i])
+            ys.append(y)
+        return torch.cat(ys, dim=2)

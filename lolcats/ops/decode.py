@@ -1,0 +1,191 @@
+"""Recurrent form: a constant-size decode state and a one-token step.
+
+The state of one layer holds S = Σ φ_k(k) vᵀ and z = Σ φ_k(k) over keys that left the softmax
+window, plus the last L keys/values (L = w for sliding_window, 2w for terraced, 0 for linear),
+stored per key/value head, and per-slot flags saying which slots still hold a real, un-folded key.
+Slot s of the window holds the token with index ``num_tokens - L + s``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from lolcats.ops.masks import first_real_index, window_and_linear_masks, window_slots
+from lolcats.ops.reference import combine, repeat_kv
+
+FeatureFn = Callable[[Tensor], Tensor]  # (B, H, n, D) keys repeated to H heads -> (B, H, n, F)
+NOT_STARTED = torch.iinfo(torch.long).max // 2
+
+
+@dataclass
+class DecodeState:
+    """Recurrent state of one hybrid-attention layer for a batch of B sequences.
+
+    Attributes:
+        kv: S, (B, H, F, Dv), accumulated in float32 or wider.
+        k_sum: z, (B, H, F).
+        window_k: (B, Hkv, L, D) keys of the last L tokens.
+        window_v: (B, Hkv, L, Dv).
+        window_valid: (B, L) bool, slot holds a real key still inside the window.
+        first_real: (B,) index of each row's first real token (NOT_STARTED before it).
+        num_tokens: tokens consumed so far, padding included.
+    """
+
+    kv: Tensor
+    k_sum: Tensor
+    window_k: Tensor
+    window_v: Tensor
+    window_valid: Tensor
+    first_real: Tensor
+    num_tokens: int
+
+    def tensors(self) -> list[Tensor]:
+        return [self.kv, self.k_sum, self.window_k, self.window_v, self.window_valid, self.first_real]
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def empty_state(
+    batch: int, heads: int, kv_heads: int, head_dim: int, value_dim: int, feature_dim: int, *,
+    variant: str, window_size: int, dtype: torch.dtype, device: torch.device | str,
+) -> DecodeState:
+    """State before any token."""
+    slots = window_slots(variant, window_size)
+    sdt = state_dtype(dtype)
+    return DecodeState(
+        kv=torch.zeros(batch, heads, feature_dim, value_dim, dtype=sdt, device=device),
+        k_sum=torch.zeros(batch, heads, feature_dim, dtype=sdt, device=device),
+        window_k=torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device),
+        window_v=torch.zeros(batch, kv_heads, slots, value_dim, dtype=dtype, device=device),
+        window_valid=torch.zeros(batch, slots, dtype=torch.bool, device=device),
+        first_real=torch.full((batch,), NOT_STARTED, dtype=torch.long, device=device),
+        num_tokens=0,
+    )
+
+
+def _fold(state: DecodeState, k: Tensor, v: Tensor, fold: Tensor, feature_k: FeatureFn) -> DecodeState:
+    """Add keys k, v (B, Hkv, n, ·) where ``fold`` (B, n) is True to S and z."""
+    heads = state.kv.shape[1]
+    fk = feature_k(repeat_kv(k, heads // k.shape[1])).to(state.kv.dtype)  # (B, H, n, F)
+    fk = fk * fold[:, None, :, None].to(fk.dtype)
+    v = repeat_kv(v, heads // v.shape[1]).to(state.kv.dtype)
+    return replace(state, kv=state.kv + fk.transpose(-1, -2) @ v, k_sum=state.k_sum + fk.sum(2))
+
+
+def prefill_state(
+    k: Tensor, v: Tensor, fk: Tensor, *, variant: str, window_size: int, valid: Tensor | None = None
+) -> DecodeState:
+    """State after a parallel pass over a whole prompt (from an empty state).
+
+    Args:
+        k: (B, Hkv, T, D) keys after rotary.
+        v: (B, Hkv, T, Dv).
+        fk: (B, H, T, F) φ_k of the keys repeated to H heads (already computed by the parallel pass).
+        valid: (B, T) bool, False for padding; None means all real.
+    """
+    b, hkv, t, _ = k.shape
+    heads = fk.shape[1]
+    slots = window_slots(variant, window_size)
+    device = k.device
+    if valid is None:
+        valid = torch.ones(b, t, dtype=torch.bool, device=device)
+    first = first_real_index(valid, b, device)
+    pos = torch.arange(t, device=device) - first[:, None]  # (B, T)
+    win, _ = window_and_linear_masks(pos[:, -1:], pos, variant, window_size)  # wrt the last token
+    win = win[:, 0] & valid
+    fold = valid & ~win
+    sdt = state_dtype(k.dtype)
+    fk_f = (fk * fold[:, None, :, None].to(fk.dtype)).to(sdt)
+    v_rep = repeat_kv(v, heads // hkv).to(sdt)
+    lead = max(slots - t, 0)
+
+    def last_slots(x: Tensor) -> Tensor:  # (B, Hkv, T, ·) -> (B, Hkv, L, ·)
+        x = x[:, :, max(t - slots, 0) :]
+        return torch.nn.functional.pad(x, (0, 0, lead, 0))
+
+    return DecodeState(
+        kv=fk_f.transpose(-1, -2) @ v_rep,
+        k_sum=fk_f.sum(2),
+        window_k=last_slots(k),
+        window_v=last_slots(v),
+        window_valid=torch.nn.functional.pad(win[:, max(t - slots, 0) :], (lead, 0), value=False),
+        first_real=torch.where(first < t, first, torch.full_like(first, NOT_STARTED)),
+        num_tokens=t,
+    )
+
+
+def decode_step(
+    state: DecodeState,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fq: Tensor,
+    gamma: Tensor,
+    feature_k: FeatureFn,
+    *,
+    variant: str,
+    window_size: int,
+    scale: float,
+    valid: Tensor | None = None,
+) -> tuple[Tensor, DecodeState]:
+    """Consume one token: fold what leaves the window, then attend.
+
+    Args:
+        state: state after ``num_tokens`` tokens.
+        q: (B, H, 1, D); k: (B, Hkv, 1, D); v: (B, Hkv, 1, Dv); fq: (B, H, 1, F).
+        gamma: (H,) window factor.
+        feature_k: φ_k, applied to keys when they fold into the state.
+        valid: (B,) bool, False where this token is padding.
+
+    Returns:
+        ``(y, new_state)`` with y of shape (B, H, 1, Dv).
+    """
+    b, h = q.shape[:2]
+    hkv = k.shape[1]
+    slots = window_slots(variant, window_size)
+    t = state.num_tokens
+    device = q.device
+    if valid is None:
+        valid = torch.ones(b, dtype=torch.bool, device=device)
+    first = torch.where((state.first_real == NOT_STARTED) & valid, torch.full_like(state.first_real, t),
+                        state.first_real)
+
+    # Append the new token, then find window slots that the new query no longer sees.
+    wk = torch.cat([state.window_k, k.to(state.window_k.dtype)], dim=2)  # (B, Hkv, L + 1, D)
+    wv = torch.cat([state.window_v, v.to(state.window_v.dtype)], dim=2)
+    wvalid = torch.cat([state.window_valid, valid[:, None]], dim=1)  # (B, L + 1)
+    idx = torch.arange(t - slots, t + 1, device=device)
+    pos = idx[None, :] - first[:, None]
+    win, _ = window_and_linear_masks(pos[:, -1:], pos, variant, window_size)
+    fold = wvalid & ~win[:, 0]  # (B, L + 1)
+    # Only the oldest slots can leave: 1 for sliding_window / linear, w for terraced.
+    n_cand = window_size if variant == "terraced" else 1
+    state = replace(state, first_real=first)
+    if variant != "terraced" or bool(fold[:, :n_cand].any()):
+        state = _fold(state, wk[:, :, :n_cand], wv[:, :, :n_cand], fold[:, :n_cand], feature_k)
+    wvalid = wvalid & ~fold
+    wk, wv, wvalid = wk[:, :, 1:], wv[:, :, 1:], wvalid[:, 1:]
+
+    # Attend: window softmax over the kept slots plus the linear state.
+    sdt = state.kv.dtype
+    groups = h // hkv
+    qg = q.to(sdt).reshape(b, hkv, groups, 1, -1)
+    scores = (qg @ wk.to(sdt)[:, :, None].transpose(-1, -2)).reshape(b, h, 1, slots) * scale
+    scores = scores.masked_fill(~wvalid[:, None, None, :], float("-inf"))
+    fq_s = fq.to(sdt)
+    y = combine(
+        scores,
+        torch.zeros_like(scores),
+        repeat_kv(wv, groups).to(sdt),
+        gamma.view(1, h, 1, 1).to(sdt),
+        extra_num=fq_s @ state.kv,  # (B, H, 1, Dv)
+        extra_den=fq_s @ state.k_sum.unsqueeze(-1),  # (B, H, 1, 1)
+    )
+    new_state = replace(state, window_k=wk, window_v=wv, window_valid=wvalid, num_tokens=t + 1)
+    return y.to(q.dtype), new_state

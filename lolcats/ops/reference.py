@@ -1,0 +1,97 @@
+"""Quadratic reference for hybrid sliding-window + linear attention (LoLCATs, paper Eq. 7).
+
+Materialises the full (T, T) score matrix: simple, slow, and the definition every faster form is
+tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lolcats.ops.masks import check_variant, first_real_index, window_and_linear_masks
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """(B, Hkv, T, D) -> (B, Hkv * groups, T, D); query head h reads key/value head h // groups."""
+    if groups == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
+
+
+def combine(
+    win_scores: Tensor, lin_weights: Tensor, v: Tensor, gamma: Tensor, extra_num: Tensor | None = None,
+    extra_den: Tensor | None = None,
+) -> Tensor:
+    """Shared-normaliser mix of window softmax and linear weights.
+
+    Args:
+        win_scores: (..., Tq, K) scaled q·k scores with non-window pairs set to -inf.
+        lin_weights: (..., Tq, K) φ_q·φ_k with non-linear pairs set to 0.
+        v: (..., K, Dv) values for the same K keys.
+        gamma: window factor broadcastable to (..., Tq, 1).
+        extra_num, extra_den: linear contributions of keys summarised in a state,
+            (..., Tq, Dv) and (..., Tq, 1).
+
+    Returns:
+        (..., Tq, Dv). Queries with no visible key (padding) give zeros.
+    """
+    if win_scores.shape[-1] == 0:  # nothing scored exactly (linear variant while decoding)
+        c = win_scores.new_zeros(*win_scores.shape[:-1], 1)
+    else:
+        c = win_scores.amax(-1, keepdim=True)
+        c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+    a_win = gamma * torch.exp(win_scores - c)
+    num = (a_win + lin_weights) @ v
+    den = a_win.sum(-1, keepdim=True) + lin_weights.sum(-1, keepdim=True)
+    if extra_num is not None:
+        num = num + extra_num
+        den = den + extra_den
+    return num / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def hybrid_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fq: Tensor,
+    fk: Tensor,
+    gamma: Tensor,
+    *,
+    variant: str,
+    window_size: int,
+    scale: float,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """Hybrid attention by the definition, O(T²) time and memory.
+
+    Args:
+        q: queries after rotary, (B, H, T, D).
+        k: keys after rotary, (B, Hkv, T, D), H divisible by Hkv.
+        v: values, (B, Hkv, T, Dv).
+        fq: φ_q(q), (B, H, T, F).
+        fk: φ_k(k) with k repeated to H heads, (B, H, T, F).
+        gamma: window factor per head, sigmoid(ω), (H,).
+        variant: ``sliding_window``, ``terraced`` or ``linear``.
+        window_size: w.
+        scale: softmax scaling of q·k (1/√D for most families).
+        valid: (B, T) bool, False for padding tokens; None means all real.
+
+    Returns:
+        (B, H, T, Dv)
+    """
+    check_variant(variant)
+    b, h, t, _ = q.shape
+    groups = h // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    pos = torch.arange(t, device=q.device) - first_real_index(valid, b, q.device)[:, None]  # (B, T)
+    win, lin = window_and_linear_masks(pos, pos, variant, window_size)  # (B, T, T)
+    if valid is not None:
+        win = win & valid[:, None, :]
+        lin = lin & valid[:, None, :]
+    win, lin = win[:, None], lin[:, None]  # (B, 1, T, T)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~win, float("-inf"))
+    lin_weights = (fq @ fk.transpose(-1, -2)) * lin
+    return combine(scores, lin_weights, v, gamma.view(1, h, 1, 1).to(q.dtype))
