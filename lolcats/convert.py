@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import torch
 from torch import nn
 
 from lolcats.attention import LolcatsAttention
@@ -90,11 +89,7 @@ def convert_model(model: nn.Module, config: AttentionConfig | None = None) -> nn
         p.requires_grad_(False)
     for i in todo:
         base = layers[i].self_attn
-        ref = next(base.parameters())
         new = LolcatsAttention(base, family, config, i, heads, kv_heads)
-        for name, p in new.named_parameters():
-            if name.startswith(TRAINABLE_KEYS):
-                p.data = p.data.to(device=ref.device, dtype=torch.promote_types(ref.dtype, torch.float32))
         new.train(base.training)
         layers[i].self_attn = new
     model.lolcats_attention_config = dataclasses.replace(config)

@@ -51,11 +51,17 @@ class LolcatsAttention(nn.Module):
         self.scaling = float(base.scaling)
         self.base_class = type(base).__name__
         self._rotary = rotary_function(base)
+        # trainable weights live beside the base weights, in float32 or wider
+        ref = next(base.parameters())
+        device, dtype = ref.device, torch.promote_types(ref.dtype, torch.float32)
         self.feature_map_q = build_feature_map(
-            config.feature_map, num_heads, self.head_dim, config.feature_dim, config.feature_init)
+            config.feature_map, num_heads, self.head_dim, config.feature_dim, config.feature_init
+        ).to(device=device, dtype=dtype)
         self.feature_map_k = build_feature_map(
-            config.feature_map, num_heads, self.head_dim, config.feature_dim, config.feature_init)
-        self.window_factor = nn.Parameter(torch.full((num_heads,), float(config.window_factor_init)))
+            config.feature_map, num_heads, self.head_dim, config.feature_dim, config.feature_init
+        ).to(device=device, dtype=dtype)
+        self.window_factor = nn.Parameter(
+            torch.full((num_heads,), float(config.window_factor_init), device=device, dtype=dtype))
 
     def extra_repr(self) -> str:
         c = self.attn_config

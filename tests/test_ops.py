@@ -1,0 +1,166 @@
+"""The O(T) chunked form and the recurrent decode step against the quadratic reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lolcats.feature_maps import build_feature_map
+from lolcats.ops import (
+    VARIANTS,
+    decode_step,
+    empty_state,
+    hybrid_attention_chunked,
+    hybrid_attention_reference,
+    prefill_state,
+    repeat_kv,
+)
+
+B, H, HKV, D = 2, 4, 2, 16
+W = 16  # window for the op tests; the decode tests use the paper's w = 64
+
+
+def make_inputs(t: int, seed: int = 0, dtype=torch.float32, pad: int = 0):
+    """Random q/k/v, Hedgehog features, γ, and a validity mask with ``pad`` left-padding tokens in row 1."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, t, D, generator=g, dtype=dtype)
+    k = torch.randn(B, HKV, t, D, generator=g, dtype=dtype)
+    v = torch.randn(B, HKV, t, D, generator=g, dtype=dtype)
+    fmap_q = build_feature_map("hedgehog", H, D, 8, "kaiming").to(dtype)
+    fmap_k = build_feature_map("hedgehog", H, D, 8, "kaiming").to(dtype)
+    gamma = torch.rand(H, generator=g, dtype=dtype) * 0.8 + 0.1
+    valid = torch.ones(B, t, dtype=torch.bool)
+    valid[1, :pad] = False
+    return q, k, v, fmap_q, fmap_k, gamma, valid
+
+
+def run(form, q, k, v, fmap_q, fmap_k, gamma, valid, variant, window=W, **kw):
+    fq, fk = fmap_q(q), fmap_k(repeat_kv(k, H // HKV))
+    return form(q, k, v, fq, fk, gamma, variant=variant, window_size=window, scale=D**-0.5, valid=valid, **kw)
+
+
+CASES = [(1, 8), (5, 8), (W - 1, 8), (50, 8), (77, 16), (130, 32), (200, 64)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("t,chunk", CASES, ids=[f"T{t}-C{c}" for t, c in CASES])
+@pytest.mark.parametrize("pad", [0, 3], ids=["nopad", "leftpad3"])
+def test_chunked_matches_float64_reference(variant, t, chunk, pad):
+    """fp32 chunked vs float64 reference: outputs within 1e-5 and gradients within 1e-4 (relative 1e-4)."""
+    pad = min(pad, t - 1)
+    q, k, v, fmap_q, fmap_k, gamma, valid = make_inputs(t, pad=pad)
+    leaves32 = [x.clone().requires_grad_() for x in (q, k, v, gamma)]
+    leaves64 = [x.double().clone().requires_grad_() for x in (q, k, v, gamma)]
+    fq64, fk64 = fmap_q.double(), fmap_k.double()
+    y = run(hybrid_attention_chunked, *leaves32[:3], fmap_q.float(), fmap_k.float(), leaves32[3], valid, variant,
+            chunk_size=chunk)
+    y_ref = run(hybrid_attention_reference, *leaves64[:3], fq64, fk64, leaves64[3], valid, variant)
+    torch.testing.assert_close(y, y_ref.float(), atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(y_ref)
+    (y * grad_out.float()).sum().backward()
+    (y_ref * grad_out).sum().backward()
+    for name, a, b in zip("qkvγ", leaves32, leaves64):
+        torch.testing.assert_close(a.grad, b.grad.float(), atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_chunked_feature_map_gradients_match_reference(variant):
+    """Gradients reach the feature-map weights identically through both forms."""
+    q, k, v, fmap_q, fmap_k, gamma, valid = make_inputs(90, pad=5, dtype=torch.float64)
+    grads = []
+    for form, kw in ((hybrid_attention_reference, {}), (hybrid_attention_chunked, {"chunk_size": 32})):
+        fmap_q.zero_grad(), fmap_k.zero_grad()
+        run(form, q, k, v, fmap_q, fmap_k, gamma, valid, variant, **kw).square().sum().backward()
+        grads.append((fmap_q.weight.grad.clone(), fmap_k.weight.grad.clone()))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-9, rtol=1e-7)
+    assert grads[0][0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_row_equals_sequence_alone(variant):
+    pad = 7
+    q, k, v, fmap_q, fmap_k, gamma, valid = make_inputs(150, pad=pad)
+    y = run(hybrid_attention_chunked, q, k, v, fmap_q, fmap_k, gamma, valid, variant)
+    alone = run(hybrid_attention_chunked, q[1:, :, pad:], k[1:, :, pad:], v[1:, :, pad:], fmap_q, fmap_k, gamma,
+                None, variant)
+    torch.testing.assert_close(y[1:, :, pad:], alone, atol=1e-6, rtol=1e-6)
+    assert torch.all(y[1, :, :pad] == 0), "padding queries see nothing and output zeros"
+
+
+def test_window_as_long_as_sequence_is_softmax_attention():
+    """With w >= T no linear term remains and γ cancels: exactly causal softmax attention."""
+    q, k, v, fmap_q, fmap_k, gamma, _ = make_inputs(40)
+    for variant in ("sliding_window", "terraced"):
+        y = run(hybrid_attention_chunked, q, k, v, fmap_q, fmap_k, gamma, None, variant, window=64)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            q, repeat_kv(k, H // HKV), repeat_kv(v, H // HKV), is_causal=True)
+        torch.testing.assert_close(y, sdpa, atol=1e-6, rtol=1e-5)
+
+
+def test_variants_differ_where_they_should():
+    """Sanity: the three variants are different functions once T exceeds the window."""
+    inputs = make_inputs(100)
+    ys = {variant: run(hybrid_attention_reference, *inputs, variant) for variant in VARIANTS}
+    for a in VARIANTS:
+        for b in VARIANTS:
+            if a < b:
+                assert not torch.allclose(ys[a], ys[b], atol=1e-3)
+    # within the first window all windowed variants agree
+    torch.testing.assert_close(ys["sliding_window"][:, :, :W], ys["terraced"][:, :, :W])
+
+
+# ----------------------------------------------------------------------------------------- decode
+
+DECODE_T = 300
+
+
+def decode_all(q, k, v, fmap_q, fmap_k, gamma, valid, variant, window, state=None, start=0):
+    fq = fmap_q(q)
+    if state is None:
+        state = empty_state(B, H, HKV, D, D, fmap_k.out_dim, variant=variant, window_size=window,
+                            dtype=q.dtype, device=q.device)
+    ys = []
+    for i in range(start, q.shape[2]):
+        y, state = decode_step(state, q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1],
+                               fq[:, :, i : i + 1], gamma, fmap_k, variant=variant, window_size=window,
+                               scale=D**-0.5, valid=valid[:, i])
+        ys.append(y)
+    return torch.cat(ys, dim=2), state
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("pad", [0, 11], ids=["nopad", "leftpad11"])
+def test_token_by_token_decode_matches_parallel(variant, pad):
+    """Steps 1..300 with w = 64: each step's output equals the parallel forward's (fp32, atol 1e-5)."""
+    q, k, v, fmap_q, fmap_k, gamma, valid = make_inputs(DECODE_T, seed=1, pad=pad)
+    with torch.no_grad():
+        parallel = run(hybrid_attention_chunked, q, k, v, fmap_q, fmap_k, gamma, valid, variant, window=64)
+        steps, state = decode_all(q, k, v, fmap_q, fmap_k, gamma, valid, variant, 64)
+    torch.testing.assert_close(steps, parallel, atol=1e-5, rtol=1e-5)
+    assert state.num_tokens == DECODE_T
+    # the window holds at most L keys, however long the sequence
+    assert state.window_k.shape[2] == {"sliding_window": 64, "terraced": 128, "linear": 0}[variant]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("prompt", [1, 40, 64, 129, 200])
+def test_prefill_then_decode_matches_parallel(variant, prompt):
+    """A state built from a parallel prompt pass continues exactly like the full parallel pass."""
+    q, k, v, fmap_q, fmap_k, gamma, valid = make_inputs(260, seed=2, pad=5)
+    with torch.no_grad():
+        parallel = run(hybrid_attention_chunked, q, k, v, fmap_q, fmap_k, gamma, valid, variant, window=64)
+        fk = fmap_k(repeat_kv(k[:, :, :prompt], H // HKV))
+        state = prefill_state(k[:, :, :prompt], v[:, :, :prompt], fk, variant=variant, window_size=64,
+                              valid=valid[:, :prompt])
+        steps, _ = decode_all(q, k, v, fmap_q, fmap_k, gamma, valid, variant, 64, state=state, start=prompt)
+    torch.testing.assert_close(steps, parallel[:, :, prompt:], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_state_size_is_constant():
+    q, k, v, fmap_q, fmap_k, gamma, valid = make_inputs(260, seed=3)
+    sizes = []
+    with torch.no_grad():
+        for t in (130, 260):
+            _, state = decode_all(q[:, :, :t], k[:, :, :t], v[:, :, :t], fmap_q, fmap_k, gamma, valid, "terraced", 64)
+            sizes.append([tuple(x.shape) for x in state.tensors()])
+    assert sizes[0] == sizes[1]
