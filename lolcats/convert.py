@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 from torch import nn
 
@@ -108,3 +109,21 @@ def trainable_attention_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         name: p for name, p in model.named_parameters()
         if p.requires_grad and any(f".{key}" in name for key in TRAINABLE_KEYS)
     }
+
+
+def replace_linearized(model: nn.Module, make: Callable[[LolcatsAttention], nn.Module]) -> list[nn.Module]:
+    """Put ``make(attn)`` in place of every linearized ``self_attn`` (e.g. stage-1 transfer wrappers)."""
+    new = []
+    for layer in find_decoder_layers(model):
+        if isinstance(layer.self_attn, LolcatsAttention):
+            layer.self_attn = make(layer.self_attn)
+            new.append(layer.self_attn)
+    return new
+
+
+def restore_linearized(model: nn.Module) -> None:
+    """Undo :func:`replace_linearized`: wrappers expose the wrapped module as ``.student``."""
+    for layer in find_decoder_layers(model):
+        student = getattr(layer.self_attn, "student", None)
+        if isinstance(student, LolcatsAttention):
+            layer.self_attn = student

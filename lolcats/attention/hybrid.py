@@ -50,6 +50,8 @@ class LolcatsAttention(nn.Module):
         self.head_dim = base.head_dim
         self.scaling = float(base.scaling)
         self.base_class = type(base).__name__
+        self.native_window = family.native_window(base)
+        self.hf_config = getattr(base, "config", None)
         self._rotary = rotary_function(base)
         # trainable weights live beside the base weights, in float32 or wider
         ref = next(base.parameters())

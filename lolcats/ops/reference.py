@@ -51,6 +51,21 @@ def combine(
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
+def _scores_and_weights(q, k, fq, fk, gamma, variant, window_size, scale, valid):
+    """Masked window scores and linear weights of the full (T, T) matrix, k repeated to H heads."""
+    check_variant(variant)
+    b, h, t, _ = q.shape
+    k = repeat_kv(k, h // k.shape[1])
+    pos = torch.arange(t, device=q.device) - first_real_index(valid, b, q.device)[:, None]  # (B, T)
+    win, lin = window_and_linear_masks(pos, pos, variant, window_size)  # (B, T, T)
+    if valid is not None:
+        win = win & valid[:, None, :]
+        lin = lin & valid[:, None, :]
+    win, lin = win[:, None], lin[:, None]  # (B, 1, T, T)
+    scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~win, float("-inf"))
+    return scores, (fq @ fk.transpose(-1, -2)) * lin, gamma.view(1, h, 1, 1).to(q.dtype)
+
+
 def hybrid_attention_reference(
     q: Tensor,
     k: Tensor,
@@ -81,17 +96,16 @@ def hybrid_attention_reference(
     Returns:
         (B, H, T, Dv)
     """
-    check_variant(variant)
-    b, h, t, _ = q.shape
-    groups = h // k.shape[1]
-    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    pos = torch.arange(t, device=q.device) - first_real_index(valid, b, q.device)[:, None]  # (B, T)
-    win, lin = window_and_linear_masks(pos, pos, variant, window_size)  # (B, T, T)
-    if valid is not None:
-        win = win & valid[:, None, :]
-        lin = lin & valid[:, None, :]
-    win, lin = win[:, None], lin[:, None]  # (B, 1, T, T)
-    scores = (q @ k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~win, float("-inf"))
-    lin_weights = (fq @ fk.transpose(-1, -2)) * lin
-    return combine(scores, lin_weights, v, gamma.view(1, h, 1, 1).to(q.dtype))
+    scores, lin_weights, g = _scores_and_weights(q, k, fq, fk, gamma, variant, window_size, scale, valid)
+    return combine(scores, lin_weights, repeat_kv(v, q.shape[1] // v.shape[1]), g)
+
+
+def hybrid_attention_weights(
+    q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, gamma: Tensor, *, variant: str, window_size: int,
+    scale: float, valid: Tensor | None = None,
+) -> Tensor:
+    """The normalised (B, H, T, T) attention weights of hybrid attention (rows sum to 1): for
+    Hedgehog's attention cross-entropy and for inspection."""
+    scores, lin_weights, g = _scores_and_weights(q, k, fq, fk, gamma, variant, window_size, scale, valid)
+    eye = torch.eye(q.shape[2], dtype=q.dtype, device=q.device).expand(*q.shape[:2], -1, -1)
+    return combine(scores, lin_weights, eye, g)

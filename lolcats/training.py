@@ -1,0 +1,248 @@
+"""The training loop both stages share: gradient accumulation, held-out evaluation, best-checkpoint
+keeping, NaN stops, and exact resume from ``train_state/<stage>/``.
+
+Resume is exact: optimizer, scheduler, RNG and the data cursor are restored at an optimizer-step
+boundary and the data order is a pure function of (seed, epoch), so a killed and resumed run gives
+bit-identical weights to an uninterrupted one (same thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lolcats.data import Chunks, epoch_order
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """A stage stopped (e.g. a non-finite loss); the message says where the last good checkpoint is."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _fault(stage: str, micro_step: int, where: str) -> None:
+    """Fault injection for tests: ``LOLCATS_FAULT=kill@stage1:5`` SIGKILLs this process before micro-step
+    5 of stage1; ``nan@stage2:3`` makes that micro-step's loss NaN."""
+    spec = os.environ.get("LOLCATS_FAULT", "")
+    if not spec:
+        return
+    kind, _, at = spec.partition("@")
+    if at == f"{stage}:{micro_step}" and kind == where:
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _nan_fault(stage: str, micro_step: int) -> bool:
+    return os.environ.get("LOLCATS_FAULT", "") == f"nan@{stage}:{micro_step}"
+
+
+@dataclass
+class StageSpec:
+    """What a stage trains and how.
+
+    Attributes:
+        name: ``stage1`` / ``stage2`` (folder under train_state/).
+        params: trainable parameters by name (saved and restored by name).
+        loss_fn: (input_ids, labels) -> scalar loss to minimise (graph attached); may return
+            extra floats to log as a dict in a tuple.
+        eval_fn: () -> held-out loss (float), run without gradients.
+        max_steps, grad_accum, lr, weight_decay, eval_every, checkpoint_every, max_grad_norm: loop settings.
+        scheduler: ``plateau`` (ReduceLROnPlateau on held-out loss) or ``constant``.
+    """
+
+    name: str
+    params: dict[str, nn.Parameter]
+    loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, dict[str, float]]]
+    eval_fn: Callable[[], float]
+    max_steps: int
+    grad_accum: int
+    lr: float
+    weight_decay: float = 0.0
+    eval_every: int = 100
+    checkpoint_every: int = 10
+    max_grad_norm: float = 0.0
+    scheduler: str = "constant"
+    plateau_patience: int = 10
+    plateau_factor: float = 0.1
+    min_lr: float = 1e-5
+    extra_log: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    steps: int
+    tokens: int
+    seconds: float
+    best_step: int
+    best_eval: float
+    history: list[dict]
+
+
+class Trainer:
+    """Runs one stage; ``state_dir`` holds its resume checkpoints."""
+
+    def __init__(self, spec: StageSpec, data: Chunks, state_dir: Path, seed: int,
+                 log: Callable[[dict], None], progress: Callable[[int, int, dict], None] | None = None) -> None:
+        self.spec, self.data, self.seed, self.log = spec, data, seed, log
+        self.progress = progress
+        self.dir = state_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.optimizer = torch.optim.AdamW(list(spec.params.values()), lr=spec.lr, weight_decay=spec.weight_decay)
+        self.scheduler = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="min", factor=spec.plateau_factor, patience=spec.plateau_patience,
+                min_lr=spec.min_lr)
+            if spec.scheduler == "plateau" else None
+        )
+        self.step = 0
+        self.best_eval = math.inf
+        self.best_step = -1
+        self.tokens = 0
+        self.seconds = 0.0
+        self.history: list[dict] = []
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def _weights(self) -> dict[str, Tensor]:
+        return {name: p.detach() for name, p in self.spec.params.items()}
+
+    def _load_weights(self, path: Path) -> None:
+        tensors = load_file(str(path))
+        missing = set(self.spec.params) - set(tensors)
+        if missing:
+            raise TrainingError(f"checkpoint {path} lacks {sorted(missing)[0]}; it belongs to another run")
+        with torch.no_grad():
+            for name, p in self.spec.params.items():
+                p.copy_(tensors[name])
+
+    def save(self) -> None:
+        """Write a checkpoint at the current optimizer-step boundary (temp folder + rename)."""
+        final = self.dir / f"step-{self.step:08d}"
+        tmp = self.dir / f".step-{self.step:08d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.contiguous().cpu() for k, v in self._weights().items()}, str(tmp / "weights.safetensors"))
+        torch.save({
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "rng": torch.get_rng_state(),
+            "step": self.step, "tokens": self.tokens, "seconds": self.seconds,
+            "best_eval": self.best_eval, "best_step": self.best_step,
+            "history": json.dumps(self.history),
+        }, tmp / "trainer.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_text(self.dir / "LATEST", final.name)
+        for old in self.dir.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self) -> bool:
+        latest = self.dir / "LATEST"
+        if not latest.exists():
+            return False
+        ckpt = self.dir / latest.read_text().strip()
+        self._load_weights(ckpt / "weights.safetensors")
+        state = torch.load(ckpt / "trainer.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.step, self.tokens, self.seconds = state["step"], state["tokens"], state["seconds"]
+        self.best_eval, self.best_step = state["best_eval"], state["best_step"]
+        self.history = json.loads(state["history"])
+        logger.info("%s: resumed at optimizer step %d from %s", self.spec.name, self.step, ckpt)
+        return True
+
+    # -------------------------------------------------------------------------------- loop
+    def _batch(self, micro_step: int) -> tuple[Tensor, Tensor]:
+        n = len(self.data)
+        epoch, i = divmod(micro_step, n)
+        return self.data[epoch_order(n, self.seed, epoch)[i]]
+
+    def _evaluate(self) -> float:
+        loss = self.spec.eval_fn()
+        if loss < self.best_eval:
+            self.best_eval, self.best_step = loss, self.step
+            atomic_save_safetensors(self._weights(), self.dir / "best.safetensors")
+        if self.scheduler:
+            self.scheduler.step(loss)
+        record = {"stage": self.spec.name, "step": self.step, "eval_loss": loss,
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        self.history.append(record)
+        self.log(record)
+        return loss
+
+    def run(self) -> StageResult:
+        spec = self.spec
+        self.resume()
+        params = list(spec.params.values())
+        while self.step < spec.max_steps:
+            start = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            total, extras = 0.0, {}
+            for micro in range(spec.grad_accum):
+                micro_step = self.step * spec.grad_accum + micro
+                _fault(spec.name, micro_step, "kill")
+                input_ids, labels = self._batch(micro_step)
+                loss, extra = spec.loss_fn(input_ids, labels)
+                if _nan_fault(spec.name, micro_step):
+                    loss = loss * float("nan")
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"{spec.name}: loss became {loss.item()} at optimizer step {self.step + 1} "
+                        f"(micro-step {micro_step}); the last good checkpoint is step {self._last_saved()} in "
+                        f"{self.dir}. Lower the learning rate or check the data, then rerun to resume.")
+                (loss / spec.grad_accum).backward()
+                total += loss.item() / spec.grad_accum
+                for k, v in extra.items():
+                    extras[k] = extras.get(k, 0.0) + v / spec.grad_accum
+                self.tokens += input_ids.numel()
+            if spec.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            self.optimizer.step()
+            self.step += 1
+            self.seconds += time.perf_counter() - start
+            record = {"stage": spec.name, "step": self.step, "loss": total,
+                      "lr": self.optimizer.param_groups[0]["lr"], "tokens": self.tokens, **extras}
+            self.log(record)
+            if self.progress:
+                self.progress(self.step, self.tokens, record)
+            if self.step % spec.eval_every == 0 or self.step == spec.max_steps:
+                self._evaluate()
+            if self.step % spec.checkpoint_every == 0 or self.step == spec.max_steps:
+                self.save()
+        if spec.max_steps == 0 and not self.history:
+            self._evaluate()
+        if (self.dir / "best.safetensors").exists() and self.best_step != self.step:
+            logger.info("%s: restoring best held-out checkpoint (step %d, loss %.4g)", spec.name,
+                        self.best_step, self.best_eval)
+            self._load_weights(self.dir / "best.safetensors")
+        return StageResult(self.step, self.tokens, self.seconds, self.best_step, self.best_eval, self.history)
+
+    def _last_saved(self) -> int:
+        latest = self.dir / "LATEST"
+        return int(latest.read_text().strip().split("-")[1]) if latest.exists() else 0
