@@ -64,6 +64,7 @@ class RunResult:
     out_dir: Path
     table: str
     report: Path
+    model: torch.nn.Module
 
 
 class _Metrics:
@@ -244,11 +245,13 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
             "model": cfg.model.name_or_path, "source_note": source_note, "attention": dataclasses.asdict(cfg.attention),
             "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {cfg.model.device}",
-            "in_domain_desc": f"{d.eval_in_domain} (files from {d.eval_in_domain_filter!r} on), first "
-                              f"{d.eval_windows} windows of {d.seq_len} tokens",
+            "in_domain_desc": (f"the {len(heldout)} held-out chunks of {d.train} ({d.seq_len} tokens each)"
+                               if d.eval_in_domain == "heldout" else
+                               f"{d.eval_in_domain} (files from {d.eval_in_domain_filter!r} on), first "
+                               f"{d.eval_windows} windows of {d.seq_len} tokens"),
             "out_of_domain_desc": f"{d.eval_out_of_domain}, first {d.eval_windows} windows of {d.seq_len} tokens",
             "evals": evals, "mse_before": mse_before, "mse_after": mse_after, "stages": stages, "samples": samples,
         })
     record.update(status="complete", stages=stages, evals=evals)
     write_run_config(out, record)
-    return RunResult(out, table, report_path)
+    return RunResult(out, table, report_path, final)

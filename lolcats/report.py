@@ -11,7 +11,7 @@ from lolcats.training import atomic_write_text
 
 ROWS = [
     ("original", "original (softmax)"),
-    ("window_only", "64-token sliding window only (no linear term)"),
+    ("window_only", "sliding window only (no linear term)"),
     ("converted", "converted, before training"),
     ("stage1", "after stage 1 (attention transfer)"),
     ("stage2", "after stage 2 (LoRA)"),

@@ -79,3 +79,72 @@ def family(request) -> str:
 @pytest.fixture
 def tiny_llama() -> transformers.PreTrainedModel:
     return build_tiny("llama")
+
+
+# ------------------------------------------------------------------ a self-contained tiny run (no assets)
+WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which "
+         "but have an they you were her she there all one been their has we would more when will no if out "
+         "so said what up its about into than them can only other new some could time these two may then do "
+         "first any my now such like our over man me even most made after also did many before must through").split()
+
+
+def _text(seed: int, words: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(WORDS), (words,), generator=g).tolist()
+    return " ".join(WORDS[i] for i in idx) + "."
+
+
+def make_tokenizer(folder):
+    """A small word-level tokenizer saved in ``folder`` (built locally: no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, ".": 3}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    for p in "Below is an instruction that describes a task Write response appropriately completes the request ### Instruction : Response Input , paired with input provides further context \n".split(" "):
+        vocab.setdefault(p, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_tiny_model_folder(folder, seed: int = 0, family: str = "llama"):
+    tok = make_tokenizer(folder)
+    model = build_tiny(family, seed=seed, vocab_size=len(tok), eos_token_id=2, bos_token_id=1, pad_token_id=2)
+    model.save_pretrained(folder)
+    return folder
+
+
+def make_corpus(folder, docs: int, words: int, seed: int = 0):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(docs):
+        (folder / f"{1900 + i}_doc.txt").write_text(_text(seed + i, words))
+    return folder
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A recipe over a local tiny Llama and local text; returns (recipe path, folder)."""
+    import yaml
+
+    make_tiny_model_folder(tmp_path / "base")
+    make_corpus(tmp_path / "train", docs=12, words=200)
+    make_corpus(tmp_path / "ood", docs=2, words=200, seed=100)
+    recipe = {
+        "out_dir": str(tmp_path / "out"), "seed": 0, "threads": 1,
+        "model": {"name_or_path": str(tmp_path / "base"), "device": "cpu"},
+        "attention": {"variant": "terraced", "window_size": 8, "feature_dim": 8},
+        "data": {"train": str(tmp_path / "train"), "train_filter": "", "eval_in_domain": "heldout",
+                 "eval_out_of_domain": str(tmp_path / "ood"), "seq_len": 32, "heldout_chunks": 2,
+                 "eval_windows": 2},
+        "distill": {"max_steps": 4, "grad_accum": 2, "eval_every": 2, "checkpoint_every": 1},
+        "lora": {"max_steps": 3, "grad_accum": 2, "lr": 1e-3, "eval_every": 2, "checkpoint_every": 1},
+        "report": {"sample_tokens": 4, "samples": ["the time"]},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path, tmp_path
