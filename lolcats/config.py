@@ -180,6 +180,7 @@ class DistillConfig:
 
     Attributes:
         max_steps: optimizer steps (0 skips the stage).
+        epochs: when > 0, passes over the training chunks instead of ``max_steps``.
         grad_accum: micro-batches (of one chunk each) per optimizer step.
         lr, weight_decay: AdamW.
         mse_scale: the loss is ``mse_scale`` × mean over layers of the per-layer MSE.
@@ -192,6 +193,7 @@ class DistillConfig:
     """
 
     max_steps: int = 200
+    epochs: float = 0.0
     grad_accum: int = 8
     lr: float = 1e-2
     weight_decay: float = 0.0
@@ -206,8 +208,8 @@ class DistillConfig:
     checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.max_steps < 0:
-            raise ValueError(f"distill.max_steps={self.max_steps} must be >= 0")
+        if self.max_steps < 0 or self.epochs < 0:
+            raise ValueError(f"distill.max_steps={self.max_steps} and distill.epochs={self.epochs} must be >= 0")
         for name in ("grad_accum", "eval_every", "checkpoint_every", "plateau_patience"):
             _positive(f"distill.{name}", getattr(self, name))
         _choice("distill.scheduler", self.scheduler, ("plateau", "constant"))
@@ -221,6 +223,7 @@ class LoraConfig:
 
     Attributes:
         max_steps: optimizer steps (0 skips the stage).
+        epochs: when > 0, passes over the training chunks instead of ``max_steps``.
         r, alpha, dropout: LoRA rank, scaling numerator and dropout.
         target_modules: projection names; empty means the family's q/k/v/o (``qkv_proj``/``o_proj``
             for Phi-3).
@@ -228,6 +231,7 @@ class LoraConfig:
     """
 
     max_steps: int = 100
+    epochs: float = 0.0
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -240,8 +244,8 @@ class LoraConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.max_steps < 0:
-            raise ValueError(f"lora.max_steps={self.max_steps} must be >= 0")
+        if self.max_steps < 0 or self.epochs < 0:
+            raise ValueError(f"lora.max_steps={self.max_steps} and lora.epochs={self.epochs} must be >= 0")
         for name in ("r", "grad_accum", "eval_every", "checkpoint_every"):
             _positive(f"lora.{name}", getattr(self, name))
         if not 0 <= self.dropout < 1:
@@ -276,6 +280,12 @@ class LolcatsConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def steps(self, stage: DistillConfig | LoraConfig, train_chunks: int) -> int:
+        """Optimizer steps of a stage: ``epochs`` over the chunks when set, else ``max_steps``."""
+        if stage.epochs > 0:
+            return max(1, math.ceil(stage.epochs * train_chunks / stage.grad_accum))
+        return stage.max_steps
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LolcatsConfig:

@@ -163,6 +163,9 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
 
     d = cfg.data
     train, heldout = build_train_data(d.train, tokenizer, d.seq_len, d.heldout_chunks, before=d.train_filter)
+    cfg = dataclasses.replace(
+        cfg, distill=dataclasses.replace(cfg.distill, max_steps=cfg.steps(cfg.distill, len(train))),
+        lora=dataclasses.replace(cfg.lora, max_steps=cfg.steps(cfg.lora, len(train))))
     evals: dict[str, dict[str, float]] = {}
     if cfg.report.enabled:
         in_dom = (heldout if d.eval_in_domain == "heldout" else

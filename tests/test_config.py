@@ -38,3 +38,26 @@ def test_from_dict_type_checks():
     c = from_dict(AttentionConfig, {"window_factor_init": -2, "skip_layers": [0, 3]}, "attention")
     assert c.window_factor_init == -2.0 and isinstance(c.window_factor_init, float)
     assert c.skip_layers == [0, 3]
+
+
+def test_shipped_recipes_validate():
+    import pathlib
+
+    from lolcats.config import load_config
+
+    recipes = sorted((pathlib.Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert {r.stem for r in recipes} >= {"smollm2_135m", "smollm2_135m_full", "tiny_llama", "llama3_8b",
+                                         "llama3_1_8b", "mistral_7b", "qwen2_5_7b"}
+    for r in recipes:
+        load_config(str(r))
+
+
+def test_lora_targets_follow_the_family():
+    from conftest import build_tiny
+
+    from lolcats.config import LoraConfig
+    from lolcats.finetune import lora_targets
+
+    assert lora_targets(build_tiny("phi3"), LoraConfig()) == ["qkv_proj", "o_proj"]
+    assert lora_targets(build_tiny("qwen2"), LoraConfig()) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert lora_targets(build_tiny("qwen2"), LoraConfig(target_modules=["o_proj"])) == ["o_proj"]

@@ -34,3 +34,25 @@ def test_full_window_conversion_reproduces_smollm2(smollm2_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert count == 2_212_110
+
+
+def test_linearize_smollm2_short_run(smollm2_path, tmp_path):
+    """The demo pipeline on the real model with a tiny budget: every output lands, stage 1 helps."""
+    import json
+
+    from lolcats.config import load_config
+    from lolcats.pipeline import linearize
+
+    cfg = load_config("recipes/smollm2_135m.yaml", [
+        f"out_dir={tmp_path / 'out'}", "data.seq_len=256", "data.heldout_chunks=1", "data.eval_windows=1",
+        "distill.max_steps=3", "distill.eval_every=3", "lora.max_steps=1", "report.sample_tokens=4"])
+    result = linearize(cfg)
+    out = tmp_path / "out"
+    for name in ("report.md", "attention_mse.png", "attention.safetensors", "adapter", "lolcats_config.json",
+                 "metrics.jsonl"):
+        assert (out / name).exists(), name
+    assert "expanded to float32" in (out / "report.md").read_text()
+    evals = json.loads((out / "train_state" / "evals.json").read_text())
+    assert sum(evals["mse_after"]) < sum(evals["mse_before"])
+    assert len(evals["mse_before"]) == 30
+    assert "after stage 2" in result.table
