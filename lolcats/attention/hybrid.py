@@ -97,6 +97,8 @@ class LolcatsAttention(nn.Module):
         dtype = torch.promote_types(q.dtype, torch.float32)  # half inputs compute in float32
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         valid = token_validity(attention_mask, t)
+        if valid is not None and bool(valid.all()):
+            valid = None  # no padding: lets the chunked form use block-aligned chunks
         if past_key_values is None:
             y = self.attend(q, k, v, valid)
         else:

@@ -46,7 +46,12 @@ def hybrid_attention_chunked(
     groups = h // k.shape[1]
     c = chunk_size
     n = math.ceil(t / c)
-    n_prev = math.ceil(lookback(variant, window_size) / c)
+    back = lookback(variant, window_size)
+    if variant == "terraced" and valid is None:
+        # Blocks start at position 0 for every row, so a chunk starting at t0 sees window keys back to
+        # the start of the block before t0's: at most w + (t0 mod w) <= 2w - gcd(C, w) tokens.
+        back = 2 * window_size - math.gcd(c, window_size)
+    n_prev = math.ceil(back / c)
     pad = n * c - t
     device = q.device
 
@@ -65,9 +70,12 @@ def hybrid_attention_chunked(
     v_c = v.view(b, h, n, c, dv)
     kv_c = fk_c.transpose(-1, -2) @ v_c  # (B, H, N, F, Dv)
     z_c = fk_c.sum(3)  # (B, H, N, F)
-    shift = n_prev + 1
-    kv_far = F.pad(kv_c.cumsum(2), (0, 0, 0, 0, shift, 0))[:, :, :n]
-    z_far = F.pad(z_c.cumsum(2), (0, 0, shift, 0))[:, :, :n]
+    # kv_far[n] = Σ_{m <= n - n_prev - 1} kv_c[m]: one matmul with a shifted lower-triangular matrix
+    # (faster than cumsum + pad on CPU, same sums).
+    f = fk.shape[-1]
+    far = torch.ones(n, n, dtype=kv_c.dtype, device=device).tril(-(n_prev + 1))
+    kv_far = (far @ kv_c.reshape(b, h, n, f * dv)).view(b, h, n, f, dv)
+    z_far = far @ z_c
     fq_c = fq.view(b, h, n, c, -1)
     far_num = fq_c @ kv_far  # (B, H, N, C, Dv)
     far_den = fq_c @ z_far.unsqueeze(-1)  # (B, H, N, C, 1)
