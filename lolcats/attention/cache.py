@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 from lolcats.ops import DecodeState
 
@@ -22,6 +22,7 @@ class LolcatsCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
     is_sliding = False
+    supports_early_init = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,20 +52,64 @@ class LolcatsCacheLayer(CacheLayerMixin):
     def prefetch(self) -> None:
         return None
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def _map_batch(self, fn) -> None:
+        """Apply ``fn`` to every per-sequence tensor of the state (batch is dim 0 of each)."""
         if self.state is None:
             return
         s = self.state
-        idx = beam_idx.to(s.kv.device)
-        self.state = replace(
-            s, kv=s.kv[idx], k_sum=s.k_sum[idx], window_k=s.window_k[idx], window_v=s.window_v[idx],
-            window_valid=s.window_valid[idx], first_real=s.first_real[idx])
+        self.state = replace(s, kv=fn(s.kv), k_sum=fn(s.k_sum), window_k=fn(s.window_k), window_v=fn(s.window_v),
+                             window_valid=fn(s.window_valid), first_real=fn(s.first_real))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0 or (tokens_to_remove < 0 and self.get_seq_length() + tokens_to_remove > 0):
+            raise NotImplementedError("a linearized layer's recurrent state cannot drop tokens (no crop / "
+                                      "assisted decoding); re-run the prompt instead")
 
     def nbytes(self) -> int:
         """Bytes held by this layer's state."""
         if self.state is None:
             return 0
         return sum(t.numel() * t.element_size() for t in self.state.tensors())
+
+
+def cache_nbytes(obj: object, _seen: set[int] | None = None) -> int:
+    """Bytes of every tensor reachable from ``obj`` (a cache, its layers, states, lists, dicts)."""
+    seen = _seen if _seen is not None else set()
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(cache_nbytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set)):
+        return sum(cache_nbytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return sum(cache_nbytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+class LolcatsCache(DynamicCache):
+    """A ``DynamicCache`` whose linearized layers hold decode states (``model.generate`` also works with
+    a plain ``DynamicCache``: linearized layers put their state in it on first use)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from lolcats.convert import find_decoder_layers
+        from lolcats.attention.hybrid import LolcatsAttention
+
+        super().__init__()
+        for idx, layer in enumerate(find_decoder_layers(model)):
+            linear = isinstance(layer.self_attn, LolcatsAttention)
+            self.layers.append(LolcatsCacheLayer() if linear else DynamicLayer())
 
 
 def layer_state(cache: object, layer_idx: int) -> LolcatsCacheLayer:
