@@ -74,6 +74,24 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from lolcats.checkpoint import load_model_any
+    from lolcats.generate import generate_text
+
+    if not args.prompt or not args.prompt.strip():
+        raise ValueError("the prompt is empty; pass some text with --prompt")
+    model, tokenizer = load_model_any(args.model)
+    streamer = TextStreamer(tokenizer, skip_prompt=True) if args.stream else None
+    text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, do_sample=args.sample,
+                         temperature=args.temperature, top_p=args.top_p, streamer=streamer,
+                         stop_strings=args.stop or None)
+    if not args.stream:
+        print(args.prompt + text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lolcats", description="Linearize Hugging Face causal LMs (LoLCATs).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -90,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="merge LoRA into the base weights")
     p.add_argument("--to", required=True, help="destination folder")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("generate", help="generate text (constant-memory decoding for linearized models)")
+    p.add_argument("model", help="an out_dir, an exported folder, an HF folder or id, or a .gguf file")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.set_defaults(func=_generate)
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_command", required=True)
     p = ev.add_parser("ppl", help="held-out perplexity over fixed windows")

@@ -172,3 +172,26 @@ def test_data_too_short_for_one_chunk(tiny_run, capsys):
     code, err = run_cli(capsys, "linearize", recipe, "data.seq_len=100000")
     assert code == 2 and "fewer than one chunk of data.seq_len=100000" in err
     assert_not_complete(root / "out")
+
+
+# ------------------------------------------------------------------------------------------ generate CLI
+def test_generate_cli_from_out_dir(finished, capsys):
+    _, root = finished
+    code = main(["generate", str(root / "out"), "--prompt", "the time of", "--max-new-tokens", "5"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("the time of")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", ""], "the prompt is empty"),
+    (["--prompt", "the " * 600, "--max-new-tokens", "10"], "past the model's position limit of 512"),
+])
+def test_generate_bad_prompts(finished, capsys, args, message):
+    _, root = finished
+    code, err = run_cli(capsys, "generate", root / "out", *args)
+    assert code == 2 and message in err
+
+
+def test_generate_missing_model(tmp_path, capsys):
+    code, err = run_cli(capsys, "generate", tmp_path / "missing", "--prompt", "hi")
+    assert code == 2 and "does not exist" in err

@@ -1,0 +1,164 @@
+"""Decode and prefill throughput and memory: linearized SmolLM2 against the original (sdpa + DynamicCache).
+
+    .venv/bin/python scripts/bench_generate.py [--lengths 512 2048 7680] [--batches 1 8] [--new-tokens 256]
+
+Each (model, prompt length, batch) runs in a fresh subprocess so its memory figures are its own. The
+prompt is prefilled once at batch 1 (timed: prefill tokens/s) and the cache repeated to the batch
+size; then ``new-tokens`` greedy decode steps are timed one by one (decode tokens/s = batch ÷ median
+step time). The linearized model is an *untrained* conversion (terraced, w = 64): timing does not
+depend on its weights. Prints a table, writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import psutil
+import torch
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(kind: str, length: int, batch: int, new_tokens: int, model_ref: str, threads: int) -> dict:
+    from transformers import DynamicCache
+
+    from lolcats import AttentionConfig, convert_model
+    from lolcats.attention import cache_nbytes
+    from lolcats.checkpoint import load_base
+    from lolcats.config import ModelConfig
+    from lolcats.data import build_eval_windows
+
+    torch.set_num_threads(threads)
+    model, tokenizer, _ = load_base(ModelConfig(name_or_path=model_ref, device="cpu"))
+    if kind == "linearized":
+        torch.manual_seed(0)
+        convert_model(model, AttentionConfig(variant="terraced", window_size=64))
+    ids = build_eval_windows("lolcats:sotu", tokenizer, length, 1).input_ids  # (1, length) real text
+    cache = DynamicCache()
+    rss_before = rss_mb()
+    with torch.no_grad():
+        t = time.perf_counter()
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        prefill_s = time.perf_counter() - t
+        if batch > 1:
+            cache.batch_repeat_interleave(batch)
+        token = out.logits[:, -1].argmax(-1, keepdim=True).repeat(batch, 1)
+        rss_prefilled = rss_mb()
+        steps = []
+        for _ in range(new_tokens):
+            t = time.perf_counter()
+            out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            steps.append(time.perf_counter() - t)
+    return {
+        "model": kind, "prompt_tokens": length, "batch": batch, "new_tokens": new_tokens,
+        "prefill_tokens_per_s": length / prefill_s,
+        "decode_tokens_per_s": batch / statistics.median(steps),
+        "cache_bytes_per_sequence": cache_nbytes(cache) / batch,
+        "rss_before_prefill_mb": rss_before, "rss_after_prefill_mb": rss_prefilled, "rss_after_decode_mb": rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for kind, style in (("original", "s--"), ("linearized", "o-")):
+        for batch in sorted({r["batch"] for r in results}):
+            rows = sorted((r for r in results if r["model"] == kind and r["batch"] == batch),
+                          key=lambda r: r["prompt_tokens"])
+            x = [r["prompt_tokens"] for r in rows]
+            a.plot(x, [r["decode_tokens_per_s"] for r in rows], style, label=f"{kind}, batch {batch}")
+            if batch == 1:
+                b.plot(x, [r["cache_bytes_per_sequence"] / 2**20 for r in rows], style, label=kind)
+    a.set(xlabel="prompt tokens", ylabel="decode tokens/s", title="Decode throughput", xscale="log")
+    b.set(xlabel="prompt tokens", ylabel="cache MiB per sequence", title="Cache memory", xscale="log",
+          yscale="log")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="lolcats:smollm2-135m-instruct")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 7680])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench_generate.json")
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        kind, length, batch = args.worker
+        print(json.dumps(worker(kind, int(length), int(batch), args.new_tokens, args.model, args.threads)))
+        return
+
+    results = []
+    for length in args.lengths:
+        for batch in args.batches:
+            for kind in ("original", "linearized"):
+                cmd = [sys.executable, __file__, "--model", args.model, "--new-tokens", str(args.new_tokens),
+                       "--threads", str(args.threads), "--worker", kind, str(length), str(batch)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+                if proc.returncode != 0:
+                    sys.exit(f"worker {kind} {length} {batch} failed:\n{proc.stderr[-2000:]}")
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                r = results[-1]
+                print(f"done: {kind:>10} prompt {length:>5} batch {batch}: decode {r['decode_tokens_per_s']:.1f} tok/s",
+                      file=sys.stderr)
+
+    print("| model | prompt | batch | prefill tok/s | decode tok/s | cache MiB/seq | RSS after decode MiB | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['model']} | {r['prompt_tokens']} | {r['batch']} | {r['prefill_tokens_per_s']:.0f} | "
+              f"{r['decode_tokens_per_s']:.1f} | {r['cache_bytes_per_sequence'] / 2**20:.2f} | "
+              f"{r['rss_after_decode_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
+    print()
+    print("| prompt | batch | decode speed-up | prefill speed-up | cache memory ratio |")
+    print("|---:|---:|---:|---:|---:|")
+    ratios = []
+    for length in args.lengths:
+        for batch in args.batches:
+            o = next(r for r in results if r["model"] == "original" and r["prompt_tokens"] == length and r["batch"] == batch)
+            lin = next(r for r in results if r["model"] == "linearized" and r["prompt_tokens"] == length and r["batch"] == batch)
+            row = {"prompt_tokens": length, "batch": batch,
+                   "decode_speedup": lin["decode_tokens_per_s"] / o["decode_tokens_per_s"],
+                   "prefill_speedup": lin["prefill_tokens_per_s"] / o["prefill_tokens_per_s"],
+                   "cache_ratio": o["cache_bytes_per_sequence"] / lin["cache_bytes_per_sequence"]}
+            ratios.append(row)
+            print(f"| {length} | {batch} | {row['decode_speedup']:.2f}× | {row['prefill_speedup']:.2f}× | "
+                  f"{row['cache_ratio']:.1f}× |")
+    meta = {"model": args.model, "linearized": "untrained conversion (terraced, w=64) — timing only",
+            "machine": f"{platform.machine()}, {args.threads} threads", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "results": results, "ratios": ratios}, f, indent=2)
+    png = os.path.splitext(args.out)[0] + ".png"
+    plot(results, png)
+    print(f"wrote {args.out} and {png}")
+
+
+if __name__ == "__main__":
+    main()
