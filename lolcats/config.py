@@ -303,8 +303,9 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> LolcatsConfig:
     """Read a recipe YAML (or start from defaults) and apply ``key=value`` overrides (dotted keys)."""
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     data: dict[str, Any] = {}
     if path is not None:

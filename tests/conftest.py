@@ -102,7 +102,9 @@ def make_tokenizer(folder):
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, ".": 3}
     for w in WORDS:
         vocab.setdefault(w, len(vocab))
-    for p in "Below is an instruction that describes a task Write response appropriately completes the request ### Instruction : Response Input , paired with input provides further context \n".split(" "):
+    prompt_words = ("Below is an instruction that describes a task Write response appropriately completes the "
+                    "request ### Instruction : Response Input , paired with input provides further context")
+    for p in prompt_words.split(" "):
         vocab.setdefault(p, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])

@@ -31,7 +31,8 @@ def test_alpaca_prompts_are_masked(tmp_path, tok):
 
 def test_alpaca_json_list_and_text_jsonl(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"instruction": "x", "output": "y"}]))
-    assert load_documents(str(tmp_path / "a.json")) == [Document(text="y", prompt=load_documents(str(tmp_path / "a.json"))[0].prompt)]
+    (doc,) = load_documents(str(tmp_path / "a.json"))
+    assert doc == Document(text="y", prompt=doc.prompt) and doc.prompt.endswith("### Response:\n")
     (tmp_path / "t.jsonl").write_text('{"text": "hello"}\n\n{"text": "world"}\n')
     assert [d.text for d in load_documents(str(tmp_path / "t.jsonl"))] == ["hello", "world"]
 

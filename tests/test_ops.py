@@ -62,7 +62,7 @@ def test_chunked_matches_float64_reference(variant, t, chunk, pad):
     grad_out = torch.randn_like(y_ref)
     (y * grad_out.float()).sum().backward()
     (y_ref * grad_out).sum().backward()
-    for name, a, b in zip("qkvγ", leaves32, leaves64):
+    for name, a, b in zip("qkvγ", leaves32, leaves64, strict=True):
         torch.testing.assert_close(a.grad, b.grad.float(), atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
 
 

@@ -56,3 +56,21 @@ def test_linearize_smollm2_short_run(smollm2_path, tmp_path):
     assert sum(evals["mse_after"]) < sum(evals["mse_before"])
     assert len(evals["mse_before"]) == 30
     assert "after stage 2" in result.table
+
+
+@pytest.mark.parametrize("variant", ["sliding_window", "terraced", "linear"])
+def test_smollm2_generation_steps_equal_full_forward(smollm2_path, variant):
+    """16 greedy steps after a 150-token prompt (past the 64-token window): step logits equal a full
+    forward pass over the same tokens (atol 1e-4)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    lolcats.convert_model(model, lolcats.AttentionConfig(variant=variant))
+    ids = torch.randint(0, model.config.vocab_size, (1, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=2,
+                             return_dict_in_generate=True, output_logits=True)
+        steps = torch.stack(out.logits, dim=1)
+        full = model(out.sequences, use_cache=False).logits
+    torch.testing.assert_close(steps, full[:, 149:-1], atol=1e-4, rtol=1e-4)

@@ -103,11 +103,11 @@ class LolcatsCache(DynamicCache):
     a plain ``DynamicCache``: linearized layers put their state in it on first use)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        from lolcats.convert import find_decoder_layers
         from lolcats.attention.hybrid import LolcatsAttention
+        from lolcats.convert import find_decoder_layers
 
         super().__init__()
-        for idx, layer in enumerate(find_decoder_layers(model)):
+        for layer in find_decoder_layers(model):
             linear = isinstance(layer.self_attn, LolcatsAttention)
             self.layers.append(LolcatsCacheLayer() if linear else DynamicLayer())
 
