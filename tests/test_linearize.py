@@ -195,3 +195,11 @@ def test_generate_bad_prompts(finished, capsys, args, message):
 def test_generate_missing_model(tmp_path, capsys):
     code, err = run_cli(capsys, "generate", tmp_path / "missing", "--prompt", "hi")
     assert code == 2 and "does not exist" in err
+
+
+def test_eval_ppl_cli(finished, capsys):
+    _, root = finished
+    code = main(["eval", "ppl", str(root / "out"), "--data", str(root / "ood"), "--seq-len", "16", "--windows", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and "over 2 windows of 16 tokens" in out
+    assert float(out.split()[1]) > 1
