@@ -5,7 +5,8 @@
 Each (model, prompt length, batch) runs in a fresh subprocess so its memory figures are its own. The
 prompt is prefilled once at batch 1 (timed: prefill tokens/s) and the cache repeated to the batch
 size; then ``new-tokens`` greedy decode steps are timed one by one (decode tokens/s = batch ÷ median
-step time). The linearized model is an *untrained* conversion (terraced, w = 64): timing does not
+step time). Resident memory is read after glibc's malloc_trim, i.e. live memory. The linearized
+model is an *untrained* conversion (terraced, w = 64): timing does not
 depend on its weights. Prints a table, writes JSON and a PNG plot.
 """
 
@@ -25,6 +26,14 @@ import torch
 
 
 def rss_mb() -> float:
+    """Resident memory after handing freed heap pages back to the OS (glibc malloc_trim), so the
+    figure is live memory, not the allocator's cache of the prefill peak."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     return psutil.Process().memory_info().rss / 2**20
 
 
@@ -65,12 +74,15 @@ def worker(kind: str, length: int, batch: int, new_tokens: int, model_ref: str, 
             out = model(token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             steps.append(time.perf_counter() - t)
+            if len(steps) == 16:
+                rss_early = rss_mb()
     return {
         "model": kind, "prompt_tokens": length, "batch": batch, "new_tokens": new_tokens,
         "prefill_tokens_per_s": length / prefill_s,
         "decode_tokens_per_s": batch / statistics.median(steps),
         "cache_bytes_per_sequence": cache_nbytes(cache) / batch,
-        "rss_before_prefill_mb": rss_before, "rss_after_prefill_mb": rss_prefilled, "rss_after_decode_mb": rss_mb(),
+        "rss_before_prefill_mb": rss_before, "rss_after_prefill_mb": rss_prefilled,
+        "rss_after_16_steps_mb": rss_early, "rss_after_decode_mb": rss_mb(),
         "peak_rss_mb": peak_rss_mb(),
     }
 
