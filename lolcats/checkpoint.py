@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -254,8 +255,6 @@ def export_merged(out_dir: str | os.PathLike, to: str | os.PathLike) -> Path:
         model = model.merge_and_unload()
     record = read_run_config(out)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer_files = [f for f in Path(resolve_model_path(record["base_model"]["name_or_path"])).glob("*")

@@ -33,6 +33,7 @@ from lolcats.data import build_eval_windows, build_train_data
 from lolcats.distill import heldout_attention_mse, run_stage1
 from lolcats.eval.perplexity import perplexity
 from lolcats.finetune import add_lora, lora_parameters, run_stage2
+from lolcats.generate import generate_text
 from lolcats.report import plot_mse, write_report
 from lolcats.training import atomic_write_text
 
@@ -127,15 +128,6 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif a.get(k) != b.get(k):
             keys.append(f"{prefix}{k}")
     return keys
-
-
-def _generate(model, tokenizer, prompt: str, tokens: int) -> str:
-    device = next(model.parameters()).device
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | None = None) -> RunResult:
@@ -241,7 +233,7 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
     table = ""
     report_path = out / REPORT_FILE
     if cfg.report.enabled:
-        samples = [(p, _generate(final, tokenizer, p, cfg.report.sample_tokens)) for p in cfg.report.samples]
+        samples = [(p, generate_text(final, tokenizer, p, cfg.report.sample_tokens)) for p in cfg.report.samples]
         if mse_before:
             plot_mse(mse_before, mse_after, out / "attention_mse.png")
         table = write_report(report_path, {
