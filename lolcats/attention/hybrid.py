@@ -106,26 +106,28 @@ class LolcatsAttention(nn.Module):
         y = y.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
         return self.o_proj(y), None
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
-        """Parallel O(T) form over a whole sequence: (B, H, T, D) -> (B, H, T, D)."""
+    def _parallel(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Chunked O(T) form; returns the output and φ_k of the keys (a prefill reuses it)."""
         c = self.attn_config
         fq, fk = self.features(q, k)
-        return hybrid_attention_chunked(
+        y = hybrid_attention_chunked(
             q, k, v, fq, fk, torch.sigmoid(self.window_factor), variant=c.variant,
             window_size=c.window_size, scale=self.scaling, valid=valid, chunk_size=c.chunk_size)
+        return y, fk
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
+        """Parallel O(T) form over a whole sequence: (B, H, T, D) -> (B, H, T, D)."""
+        return self._parallel(q, k, v, valid)[0]
 
     def attend_cached(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
                       cache: LolcatsCacheLayer) -> Tensor:
         """Attend with a decode state: a prompt is run in parallel and summarised, later tokens step."""
         c = self.attn_config
-        gamma = torch.sigmoid(self.window_factor)
         if cache.state is None:
-            fq, fk = self.features(q, k)
-            y = hybrid_attention_chunked(
-                q, k, v, fq, fk, gamma, variant=c.variant, window_size=c.window_size,
-                scale=self.scaling, valid=valid, chunk_size=c.chunk_size)
+            y, fk = self._parallel(q, k, v, valid)
             cache.state = prefill_state(k, v, fk, variant=c.variant, window_size=c.window_size, valid=valid)
             return y
+        gamma = torch.sigmoid(self.window_factor)
         fq = self.feature_map_q(q)
         ys = []
         for i in range(q.shape[2]):
