@@ -64,8 +64,12 @@ class Hedgehog(FeatureMap):
         self.out_dim = 2 * feature_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        z = torch.einsum("bhtd,hdf->bhtf", x, self.weight.to(x.dtype))
-        return torch.cat([z.softmax(-1), (-z).softmax(-1)], dim=-1).clamp(min=EPS)
+        w = self.weight.to(x.dtype)
+        z = x @ torch.cat([w, -w], dim=-1)  # (B, H, T, 2F): [xW ‖ −xW] in one matmul
+        phi = z.unflatten(-1, (2, self.feature_dim)).softmax(-1).flatten(-2)  # each half its own softmax
+        if torch.is_grad_enabled() and phi.requires_grad:
+            return phi.clamp(min=EPS)
+        return phi.clamp_(min=EPS)  # prefill and decoding: no copy
 
 
 @register_feature_map("hedgehog_untrained")

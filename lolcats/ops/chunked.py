@@ -5,6 +5,11 @@ variant's look-back (w−1 for sliding_window, 2w−1 for terraced, 0 for linear
 for every query of the chunk, so it enters through a running state S = Σ φ_k(k) vᵀ, z = Σ φ_k(k).
 Keys in the look-back and the chunk itself ("near" keys) are scored exactly with the shared masks.
 Time and memory are O(T · (C + look-back)).
+
+Speed (this form is the prefill of every prompt): without padding the masks are the same for every
+row, so they are built once without a batch dimension; when no near key falls in the linear part
+(terraced with chunks aligned to its blocks) the near φ_q·φ_k products are skipped; and when no
+gradient is needed the (B, H, N, C, K) score tensor is transformed in place.
 """
 
 from __future__ import annotations
@@ -16,14 +21,33 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lolcats.ops.masks import first_real_index, lookback, window_and_linear_masks
-from lolcats.ops.reference import combine, repeat_kv
+from lolcats.ops.reference import repeat_kv
+
+_MIN_EXP = -87.0  # e^-87 ≈ 1.6e-38, the smallest exponent whose power is still a normal float32
 
 
-def _near(x: Tensor, n_chunks: int, chunk: int, n_prev: int) -> Tensor:
-    """(B, H, (n_prev + N) * C, ...) -> (B, H, N, (n_prev + 1) * C, ...): each chunk with its predecessors."""
-    shape = x.shape
-    x = x.reshape(*shape[:2], n_prev + n_chunks, chunk, *shape[3:])
-    return torch.cat([x[:, :, i : i + n_chunks] for i in range(n_prev + 1)], dim=3)
+def _near(x: Tensor, n_chunks: int, chunk: int, n_prev: int, groups: int = 1) -> Tensor:
+    """(B, Hkv, N * C, ...) -> (B, Hkv * groups, N, (n_prev + 1) * C, ...): each chunk after its n_prev
+    predecessors (zeros before the first chunk), heads repeated ``groups`` times, in one copy."""
+    b, hkv = x.shape[:2]
+    rest = x.shape[3:]
+    xc = x.reshape(b, hkv, 1, n_chunks, chunk, *rest).expand(b, hkv, groups, n_chunks, chunk, *rest)
+    out = x.new_empty(b, hkv, groups, n_chunks, n_prev + 1, chunk, *rest)
+    for i in range(n_prev + 1):
+        shift = min(n_prev - i, n_chunks)  # slot i holds chunk j - shift
+        out[:, :, :, :shift, i] = 0
+        out[:, :, :, shift:, i] = xc[:, :, :, : n_chunks - shift]
+    return out.view(b, hkv * groups, n_chunks, (n_prev + 1) * chunk, *rest)
+
+
+def _exclusive_sum(x: Tensor, skip: int) -> Tensor:
+    """(B, H, N, ...) -> out[:, :, n] = Σ_{m <= n - skip} x[:, :, m] (zeros where the range is empty).
+
+    One matmul with a shifted lower-triangular matrix: faster than cumsum + pad on CPU, same sums.
+    """
+    b, h, n = x.shape[:3]
+    far = torch.ones(n, n, dtype=x.dtype, device=x.device).tril(-skip)
+    return (far @ x.reshape(b, h, n, -1)).view(x.shape)
 
 
 def hybrid_attention_chunked(
@@ -54,50 +78,56 @@ def hybrid_attention_chunked(
     n_prev = math.ceil(back / c)
     pad = n * c - t
     device = q.device
+    inplace = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, fq, fk, gamma)))
 
-    first = first_real_index(valid, b, device)
+    # Masks over (rows, N, C, K): one row when there is no padding, since positions are then shared.
     if valid is None:
-        valid = torch.ones(b, t, dtype=torch.bool, device=device)
-    valid = F.pad(valid, (0, pad), value=False)
-    pos = torch.arange(n * c, device=device) - first[:, None]  # (B, N*C)
+        rows, first = 1, torch.zeros(1, dtype=torch.long, device=device)
+        valid_p = torch.ones(1, n * c, dtype=torch.bool, device=device)
+    else:
+        rows, first = b, first_real_index(valid, b, device)
+        valid_p = F.pad(valid, (0, pad), value=False)
+    pos = torch.arange(n * c, device=device) - first[:, None]  # (rows, N*C)
+    valid_near = _near(valid_p[:, None], n, c, n_prev)[:, 0]  # (rows, N, K)
+    pos_near = _near(pos[:, None], n, c, n_prev)[:, 0]
+    win, lin = window_and_linear_masks(pos.view(rows, n, c), pos_near, variant, window_size)  # (rows, N, C, K)
+    win = (win & valid_near[:, :, None, :])[:, None]
+    lin = (lin & valid_near[:, :, None, :])[:, None]
+    use_lin = bool(lin.any())
 
-    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    q, k, v, fq, fk = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, fq, fk))
-    fk = fk * valid[:, None, :, None].to(fk.dtype)  # padding never enters a state
+    def padded(x: Tensor) -> Tensor:  # (B, ·, T, ·) -> (B, ·, N*C, ·)
+        return F.pad(x, (0, 0, 0, pad)) if pad else x
+
+    q, k, v, fq, fk = padded(q * scale), padded(k), padded(v), padded(fq), padded(fk)
+    if valid is not None:
+        fk = fk * valid_p[:, None, :, None].to(fk.dtype)  # padding never enters a state
 
     # Far keys: chunks <= n - n_prev - 1, summarised by an exclusive running sum of chunk states.
     fk_c = fk.view(b, h, n, c, -1)
-    v_c = v.view(b, h, n, c, dv)
-    kv_c = fk_c.transpose(-1, -2) @ v_c  # (B, H, N, F, Dv)
-    z_c = fk_c.sum(3)  # (B, H, N, F)
-    # kv_far[n] = Σ_{m <= n - n_prev - 1} kv_c[m]: one matmul with a shifted lower-triangular matrix
-    # (faster than cumsum + pad on CPU, same sums).
-    f = fk.shape[-1]
-    far = torch.ones(n, n, dtype=kv_c.dtype, device=device).tril(-(n_prev + 1))
-    kv_far = (far @ kv_c.reshape(b, h, n, f * dv)).view(b, h, n, f, dv)
-    z_far = far @ z_c
+    v_c = repeat_kv(v, groups).view(b, h, n, c, dv)
+    kv_far = _exclusive_sum(fk_c.transpose(-1, -2) @ v_c, n_prev + 1)  # (B, H, N, F, Dv)
+    z_far = _exclusive_sum(fk_c.sum(3), n_prev + 1)  # (B, H, N, F)
     fq_c = fq.view(b, h, n, c, -1)
-    far_num = fq_c @ kv_far  # (B, H, N, C, Dv)
-    far_den = fq_c @ z_far.unsqueeze(-1)  # (B, H, N, C, 1)
+    num = fq_c @ kv_far  # (B, H, N, C, Dv)
+    den = fq_c @ z_far.unsqueeze(-1)  # (B, H, N, C, 1)
 
-    # Near keys: the chunk and its n_prev predecessors, scored exactly.
-    front = n_prev * c
-
-    def with_front(x: Tensor) -> Tensor:
-        return F.pad(x, (0, 0, front, 0))
-
-    k_near = _near(with_front(k), n, c, n_prev)  # (B, H, N, K, D)
-    v_near = _near(with_front(v), n, c, n_prev)
-    fk_near = _near(with_front(fk), n, c, n_prev)
-    valid_near = _near(F.pad(valid, (front, 0), value=False)[:, None], n, c, n_prev)[:, 0]  # (B, N, K)
-    pos_near = _near(F.pad(pos, (front, 0), value=-1)[:, None], n, c, n_prev)[:, 0]
-
-    win, lin = window_and_linear_masks(pos.view(b, n, c), pos_near, variant, window_size)  # (B, N, C, K)
-    win = (win & valid_near[:, :, None, :])[:, None]
-    lin = (lin & valid_near[:, :, None, :])[:, None]
-    q_c = q.view(b, h, n, c, -1)
-    scores = (q_c @ k_near.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~win, float("-inf"))
-    lin_weights = (fq_c @ fk_near.transpose(-1, -2)) * lin
-    y = combine(scores, lin_weights, v_near, gamma.view(1, h, 1, 1, 1).to(q.dtype), far_num, far_den)
+    # Near keys: the chunk and its n_prev predecessors, scored exactly (paper Eq. 7).
+    k_near = _near(k, n, c, n_prev, groups)  # (B, H, N, K, D)
+    v_near = _near(v, n, c, n_prev, groups)  # (B, H, N, K, Dv)
+    scores = q.view(b, h, n, c, -1) @ k_near.transpose(-1, -2)  # (B, H, N, C, K)
+    scores = scores.masked_fill_(~win, -math.inf) if inplace else scores.masked_fill(~win, -math.inf)
+    m = scores.amax(-1, keepdim=True)
+    # γ e^{s - m} = e^{s - (m - ln γ)}; rows with no window key (padding) keep m = 0
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m)) - torch.log(gamma.to(q.dtype)).view(1, h, 1, 1, 1)
+    # Terms below e^-87 would be subnormal floats, which CPUs multiply ~100x slower: drop them to 0.
+    if inplace:
+        a = scores.sub_(shift).clamp_(min=_MIN_EXP).exp_().masked_fill_(~win, 0.0)
+    else:
+        a = torch.exp((scores - shift).clamp(min=_MIN_EXP)).masked_fill(~win, 0.0)  # γ-weighted window terms
+    if use_lin:
+        lin_weights = fq_c @ _near(fk, n, c, n_prev).transpose(-1, -2)
+        a = a.addcmul_(lin_weights, lin) if inplace else a + lin_weights * lin
+    den = den.add_(a.sum(-1, keepdim=True)) if inplace else den + a.sum(-1, keepdim=True)
+    num = num.add_(a @ v_near) if inplace else num + a @ v_near
+    y = num / torch.where(den > 0, den, torch.ones_like(den))
     return y.reshape(b, h, n * c, dv)[:, :, :t]
