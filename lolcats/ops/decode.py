@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from lolcats.ops.chunked import hybrid_attention_chunked
 from lolcats.ops.masks import first_real_index, window_and_linear_masks, window_slots
 from lolcats.ops.reference import combine, repeat_kv
 
@@ -79,7 +80,8 @@ def _fold(state: DecodeState, k: Tensor, v: Tensor, fold: Tensor, feature_k: Fea
 
 
 def prefill_state(
-    k: Tensor, v: Tensor, fk: Tensor, *, variant: str, window_size: int, valid: Tensor | None = None
+    k: Tensor, v: Tensor, fk: Tensor, *, variant: str, window_size: int, valid: Tensor | None = None,
+    first: Tensor | None = None,
 ) -> DecodeState:
     """State after a parallel pass over a whole prompt (from an empty state).
 
@@ -88,6 +90,8 @@ def prefill_state(
         v: (B, Hkv, T, Dv).
         fk: (B, H, T, F) φ_k of the keys repeated to H heads (already computed by the parallel pass).
         valid: (B, T) bool, False for padding; None means all real.
+        first: (B,) index of each row's first real token if not the first True of ``valid`` (see
+            :func:`lolcats.ops.hybrid_attention_chunked`).
     """
     b, hkv, t, _ = k.shape
     heads = fk.shape[1]
@@ -95,7 +99,8 @@ def prefill_state(
     device = k.device
     if valid is None:
         valid = torch.ones(b, t, dtype=torch.bool, device=device)
-    first = first_real_index(valid, b, device)
+    if first is None:
+        first = first_real_index(valid, b, device)
     pos = torch.arange(t, device=device) - first[:, None]  # (B, T)
     win, _ = window_and_linear_masks(pos[:, -1:], pos, variant, window_size)  # wrt the last token
     win = win[:, 0] & valid
@@ -189,3 +194,69 @@ def decode_step(
     )
     new_state = replace(state, window_k=wk, window_v=wv, window_valid=wvalid, num_tokens=t + 1)
     return y.to(q.dtype), new_state
+
+
+def extend_state(
+    state: DecodeState,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fq: Tensor,
+    gamma: Tensor,
+    feature_k: FeatureFn,
+    *,
+    variant: str,
+    window_size: int,
+    scale: float,
+    valid: Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, DecodeState]:
+    """Consume T tokens at once with the chunked form: the same result as T calls of :func:`decode_step`.
+
+    The window slots are put back in front of the new tokens as keys (their queries are zeros and
+    their outputs dropped), S and z enter every query's linear part, and positions continue from the
+    state's, so terraced blocks stay where they were. This is how a cached prompt prefix is reused
+    (few-shot evaluation) without stepping token by token.
+
+    Args:
+        state: state after ``num_tokens`` tokens.
+        q: (B, H, T, D); k: (B, Hkv, T, D); v: (B, Hkv, T, Dv); fq: (B, H, T, F).
+        valid: (B, T) bool, False where a new token is padding.
+
+    Returns:
+        ``(y, new_state)`` with y of shape (B, H, T, Dv).
+    """
+    b, h, t, _ = q.shape
+    slots = state.window_k.shape[2]
+    device = q.device
+    groups = h // k.shape[1]
+    if valid is None:
+        valid = torch.ones(b, t, dtype=torch.bool, device=device)
+    # Index 0 of the joined sequence is token num_tokens - slots of the whole sequence.
+    start = state.num_tokens - slots
+    first = torch.where(state.first_real == NOT_STARTED, slots + first_real_index(valid, b, device),
+                        state.first_real - start)
+    dtype = q.dtype
+    keys = torch.cat([state.window_k.to(dtype), k], dim=2)  # (B, Hkv, L + T, D)
+    values = torch.cat([state.window_v.to(dtype), v], dim=2)
+    joined_valid = torch.cat([state.window_valid, valid], dim=1)  # (B, L + T)
+    fk = feature_k(repeat_kv(keys, groups))  # (B, H, L + T, F)
+    queries = torch.nn.functional.pad(q, (0, 0, slots, 0))
+    fqs = torch.nn.functional.pad(fq, (0, 0, slots, 0))
+    y = hybrid_attention_chunked(
+        queries, keys, values, fqs, fk, gamma, variant=variant, window_size=window_size, scale=scale,
+        valid=joined_valid, chunk_size=chunk_size, first=first, initial=(state.kv, state.k_sum))
+    fresh = prefill_state(keys, values, fk, variant=variant, window_size=window_size, valid=joined_valid,
+                          first=first)
+    total = state.num_tokens + t
+    started = first < slots + t
+    new_state = DecodeState(
+        kv=state.kv + fresh.kv.to(state.kv.dtype),
+        k_sum=state.k_sum + fresh.k_sum.to(state.k_sum.dtype),
+        window_k=fresh.window_k.to(state.window_k.dtype),
+        window_v=fresh.window_v.to(state.window_v.dtype),
+        window_valid=fresh.window_valid,
+        first_real=torch.where(started, first + start, torch.full_like(first, NOT_STARTED)),
+        num_tokens=total,
+    )
+    return y[:, :, slots:], new_state

@@ -1,0 +1,185 @@
+"""Few-shot MMLU scored by next-token log-probabilities of " A" / " B" / " C" / " D" (DESIGN.md §6).
+
+The prompt is the standard one (lm-eval's ``mmlu`` task): "The following are multiple choice questions
+(with answers) about {subject}.\\n\\n", then each exemplar as "question\\nA. …\\nB. …\\nC. …\\nD. …\\nAnswer: X"
+separated by blank lines, then the question ending in "Answer:". Prompts are tokenized whole, exactly as
+the uncached path and lm-eval see them.
+
+Speed: the exemplars are the same for every question of a subject, so the tokens all its prompts share
+are run once; each batch of questions then starts from a copy of that cache (keys/values for softmax
+layers, the constant-size recurrent state for linearized ones) repeated over the batch. Questions of a
+batch are right-padded, which no real token can see (causal attention), and each row is read at its
+own last token. ``cached=False`` is the plain path: every prompt alone, from scratch.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from lolcats.eval.mmlu_data import LETTERS, Item, MMLUData
+
+HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
+
+
+def format_item(item: Item, with_answer: bool) -> str:
+    text = item.question.strip() + "".join(f"\n{x}. {c}" for x, c in zip(LETTERS, item.choices, strict=True))
+    text += "\nAnswer:"
+    return text + f" {LETTERS[item.answer]}\n\n" if with_answer else text
+
+
+def build_prompt(subject: str, exemplars: list[Item], item: Item) -> str:
+    """The full prompt for ``item``: header, solved exemplars, the question ending in "Answer:"."""
+    return HEADER.format(subject=subject) + "".join(format_item(x, True) for x in exemplars) + format_item(item, False)
+
+
+def letter_token_ids(tokenizer) -> list[int]:
+    """Token ids of " A".." D"; each must be one token (it is for Llama/SmolLM2/Mistral/Qwen tokenizers)."""
+    ids = []
+    for letter in LETTERS:
+        enc = tokenizer(f"Answer: {letter}", add_special_tokens=False).input_ids
+        base = tokenizer("Answer:", add_special_tokens=False).input_ids
+        if enc[: len(base)] != base or len(enc) != len(base) + 1:
+            raise ValueError(f"this tokenizer does not encode ' {letter}' after 'Answer:' as one token; "
+                             "next-token MMLU scoring needs single-token answer letters")
+        ids.append(enc[-1])
+    return ids
+
+
+@dataclass
+class SubjectPrompts:
+    """Token ids of one subject's prompts: the shared start and each question's rest."""
+
+    shared: list[int]
+    rests: list[list[int]]
+
+
+def tokenize_subject(tokenizer, subject: str, exemplars: list[Item], items: list[Item]) -> SubjectPrompts:
+    """Tokenize every prompt whole and split off the tokens they all share (at least one token is left
+    to each question, so its last position is always computed)."""
+    full = [tokenizer(build_prompt(subject, exemplars, it), add_special_tokens=False).input_ids for it in items]
+    head = tokenizer(HEADER.format(subject=subject) + "".join(format_item(x, True) for x in exemplars),
+                     add_special_tokens=False).input_ids
+    n = min(len(head), *(len(f) - 1 for f in full))
+    for f in full:
+        while n > 0 and f[:n] != head[:n]:
+            n -= 1
+    return SubjectPrompts(head[:n], [f[n:] for f in full])
+
+
+@torch.no_grad()
+def _last_logprobs(model: nn.Module, ids: Tensor, last: Tensor, letters: Tensor, cache: object | None) -> Tensor:
+    """Log-probabilities of the letters after each row's token ``last[b]``: (B, 4)."""
+    keep = torch.unique(last)
+    kwargs = {"past_key_values": cache, "use_cache": True} if cache is not None else {"use_cache": False}
+    logits = model(input_ids=ids, logits_to_keep=keep, **kwargs).logits.float()  # (B, len(keep), V)
+    rows = torch.searchsorted(keep, last)
+    picked = logits[torch.arange(ids.shape[0], device=ids.device), rows]  # (B, V)
+    return torch.log_softmax(picked, dim=-1)[:, letters]
+
+
+@torch.no_grad()
+def score_subject(model: nn.Module, prompts: SubjectPrompts, letters: list[int], *, batch_size: int = 8,
+                  cached: bool = True, pad_id: int = 0,
+                  progress: Callable[[int], None] | None = None) -> Tensor:
+    """(n, 4) letter log-probabilities for one subject's questions."""
+    device = next(model.parameters()).device
+    letters_t = torch.tensor(letters, device=device)
+    n = len(prompts.rests)
+    out = torch.empty(n, 4)
+    if not cached:
+        for i, rest in enumerate(prompts.rests):
+            ids = torch.tensor([prompts.shared + rest], device=device)
+            out[i] = _last_logprobs(model, ids, torch.tensor([ids.shape[1] - 1], device=device), letters_t, None)[0]
+            if progress:
+                progress(1)
+        return out
+    prefix = None
+    if prompts.shared:
+        prefix = DynamicCache()
+        model(input_ids=torch.tensor([prompts.shared], device=device), past_key_values=prefix, use_cache=True,
+              logits_to_keep=1)
+    order = sorted(range(n), key=lambda i: len(prompts.rests[i]))  # similar lengths batch together
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        rests = [prompts.rests[i] for i in idx]
+        width = max(len(r) for r in rests)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long, device=device)
+        for row, r in enumerate(rests):
+            ids[row, : len(r)] = torch.tensor(r)
+        cache = DynamicCache()
+        if prefix is not None:
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(len(idx))
+        last = torch.tensor([len(r) - 1 for r in rests], device=device)
+        out[idx] = _last_logprobs(model, ids, last, letters_t, cache).cpu()
+        if progress:
+            progress(len(idx))
+    return out
+
+
+def evaluate_mmlu(model: nn.Module, tokenizer, data: MMLUData, *, shots: int = 5, batch_size: int = 8,
+                  cached: bool = True, progress: Callable[[int], None] | None = None) -> dict:
+    """Score every item of ``data``; returns the result record (see :func:`summary_table`).
+
+    Ties between letters go to the earliest letter.
+    """
+    if not 0 <= shots <= 5:
+        raise ValueError(f"--shots must be between 0 and 5, got {shots}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    letters = letter_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    model.eval()
+    subjects, predictions = {}, []
+    tokens = 0
+    t0 = time.perf_counter()
+    for subject in data.subjects:
+        items = data.test[subject]
+        exemplars = data.dev[subject][:shots]
+        if len(exemplars) < shots:
+            raise ValueError(f"subject {subject!r} has only {len(exemplars)} exemplars for --shots {shots}")
+        prompts = tokenize_subject(tokenizer, subject, exemplars, items)
+        tokens += len(prompts.shared) + sum(len(r) for r in prompts.rests) if cached else \
+            sum(len(prompts.shared) + len(r) for r in prompts.rests)
+        logprobs = score_subject(model, prompts, letters, batch_size=batch_size, cached=cached, pad_id=pad_id,
+                                 progress=progress)
+        pred = logprobs.argmax(-1)  # first maximum: ties go to the earliest letter
+        correct = sum(int(p) == it.answer for p, it in zip(pred.tolist(), items, strict=True))
+        subjects[subject] = {"accuracy": correct / len(items), "correct": correct, "items": len(items),
+                             "prompt_tokens": len(prompts.shared)}
+        for i, (it, lp) in enumerate(zip(items, logprobs.tolist(), strict=True)):
+            predictions.append({"subject": subject, "index": i, "answer": LETTERS[it.answer],
+                                "prediction": LETTERS[int(pred[i])], "logprobs": [round(x, 6) for x in lp]})
+    seconds = time.perf_counter() - t0
+    total = sum(s["items"] for s in subjects.values())
+    return {
+        "micro_accuracy": sum(s["correct"] for s in subjects.values()) / total,
+        "macro_accuracy": sum(s["accuracy"] for s in subjects.values()) / len(subjects),
+        "items": total,
+        "subjects": subjects,
+        "shots": shots,
+        "cached": cached,
+        "batch_size": batch_size,
+        "seconds": seconds,
+        "tokens_run": tokens,
+        "data": {"source": data.source, "sha256": data.sha256, "exemplar_rule": data.exemplar_rule,
+                 "notes": data.notes},
+        "predictions": predictions,
+    }
+
+
+def summary_table(result: dict) -> str:
+    """Markdown table: one row per subject, then micro and macro averages."""
+    lines = ["| subject | items | accuracy |", "|---|---:|---:|"]
+    for name, s in sorted(result["subjects"].items()):
+        lines.append(f"| {name} | {s['items']} | {100 * s['accuracy']:.1f} |")
+    lines.append(f"| **micro average** | {result['items']} | {100 * result['micro_accuracy']:.2f} |")
+    lines.append(f"| **macro average** | {len(result['subjects'])} subjects | {100 * result['macro_accuracy']:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,221 @@
+"""Few-shot MMLU: data loaders and their errors, the prompt, and cached+batched == uncached scoring."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+
+from lolcats import AttentionConfig, convert_model
+from lolcats.cli import main
+from lolcats.eval.mmlu import build_prompt, evaluate_mmlu, letter_token_ids, tokenize_subject
+from lolcats.eval.mmlu_data import load_jsonl, load_mmlu
+from tests.conftest import WORDS, build_tiny, make_tiny_model_folder, make_tokenizer
+
+MMLU_WORDS = "The following are multiple choice questions with answers Answer A B C D : ( ) ?"
+
+
+def _item(rng: random.Random, subject: str) -> dict:
+    words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+    return {"question": words(rng.randint(3, 25)) + " ?", "answer_a": words(rng.randint(1, 4)),
+            "answer_b": words(rng.randint(1, 4)), "answer_c": words(rng.randint(1, 4)),
+            "answer_d": words(rng.randint(1, 4)), "correct_answer": rng.choice("ABCD"), "topic": subject}
+
+
+def write_jsonl(path, subjects=("first topic", "second topic", "third topic"), per_subject=11, seed=0):
+    rng = random.Random(seed)
+    rows = [_item(rng, s) for s in subjects for _ in range(per_subject)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"), MMLU_WORDS)
+
+
+def test_prompt_is_the_standard_format():
+    data_rows = [{"question": f" q{i} ", "answer_a": "w", "answer_b": "x", "answer_c": "y", "answer_d": "z",
+                  "correct_answer": "ABCD"[i % 4], "topic": "high school physics"} for i in range(7)]
+    from lolcats.eval.mmlu_data import _item_from_row
+
+    items = [_item_from_row(r, "x") for r in data_rows]
+    text = build_prompt("high school physics", items[:2], items[5])
+    assert text == ("The following are multiple choice questions (with answers) about high school physics.\n\n"
+                    "q0\nA. w\nB. x\nC. y\nD. z\nAnswer: A\n\n"
+                    "q1\nA. w\nB. x\nC. y\nD. z\nAnswer: B\n\n"
+                    "q5\nA. w\nB. x\nC. y\nD. z\nAnswer:")
+
+
+def test_first_five_rule_and_selection(tmp_path):
+    data = load_jsonl(write_jsonl(tmp_path / "m.jsonl"))
+    assert data.subjects == ["first topic", "second topic", "third topic"]
+    assert all(len(v) == 5 for v in data.dev.values()) and all(len(v) == 6 for v in data.test.values())
+    assert "first 5 test items" in data.exemplar_rule and data.sha256
+    sub = data.select(["second_topic"], limit=2)
+    assert sub.subjects == ["second topic"] and len(sub.test["second topic"]) == 2
+    with pytest.raises(ValueError, match="unknown MMLU subject.*nope"):
+        data.select(["nope"])
+
+
+def _scores(result):
+    return torch.tensor([p["logprobs"] for p in result["predictions"]]), [p["prediction"] for p in result["predictions"]]
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sliding_window", "terraced", "linear"])
+@pytest.mark.parametrize("shots", [5, 0])
+def test_cached_batched_equals_uncached(tmp_path, tokenizer, kind, shots):
+    """The subject prefix run once and copied per batch (KV cache or recurrent state), questions batched
+    with right padding, gives the same predictions and log-probabilities (within 1e-4) as every prompt
+    run alone from scratch. Windows of 8 tokens make the ~150-token prompts cross many windows."""
+    data = load_jsonl(write_jsonl(tmp_path / "m.jsonl"))
+    torch.manual_seed(0)
+    model = build_tiny("llama", vocab_size=len(tokenizer))
+    if kind != "softmax":
+        convert_model(model, AttentionConfig(variant=kind, window_size=8, chunk_size=8, window_factor_init=0.0))
+    fast = evaluate_mmlu(model, tokenizer, data, shots=shots, batch_size=4, cached=True)
+    slow = evaluate_mmlu(model, tokenizer, data, shots=shots, batch_size=1, cached=False)
+    lp_fast, pred_fast = _scores(fast)
+    lp_slow, pred_slow = _scores(slow)
+    assert pred_fast == pred_slow
+    torch.testing.assert_close(lp_fast, lp_slow, atol=1e-4, rtol=0)
+    assert fast["items"] == 18 and fast["tokens_run"] < slow["tokens_run"]
+    # the scores are real log-probabilities that differ between letters
+    assert (lp_fast < 0).all() and lp_fast.std(-1).min() > 0
+
+
+def test_shared_prefix_is_a_token_prefix_of_every_prompt(tmp_path, tokenizer):
+    data = load_jsonl(write_jsonl(tmp_path / "m.jsonl"))
+    s = data.subjects[0]
+    prompts = tokenize_subject(tokenizer, s, data.dev[s], data.test[s])
+    assert len(prompts.shared) > 50
+    for item, rest in zip(data.test[s], prompts.rests, strict=True):
+        whole = tokenizer(build_prompt(s, data.dev[s], item), add_special_tokens=False).input_ids
+        assert prompts.shared + rest == whole and len(rest) >= 1
+
+
+def test_letter_ids_and_ties_go_to_the_earliest_letter(tmp_path):
+    tok = make_tokenizer(tmp_path)  # no "A".."D" in its vocabulary: they are all <unk>
+    ids = letter_token_ids(make_tokenizer(tmp_path / "x", MMLU_WORDS))
+    assert len(set(ids)) == 4
+    assert len(set(letter_token_ids(tok))) == 1  # single tokens, but all the same: caught by the tie rule only
+    # ties go to the earliest letter
+    data = load_jsonl(write_jsonl(tmp_path / "m.jsonl", per_subject=6))
+    model = build_tiny("llama", vocab_size=len(tok))
+    result = evaluate_mmlu(model, tok, data, shots=1)
+    assert {p["prediction"] for p in result["predictions"]} == {"A"}
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda r: r.pop("answer_c"), "line 4: missing field 'answer_c'"),
+    (lambda r: r.update(correct_answer="E"), "line 4: answer 'E' is not one of A, B, C, D"),
+    (lambda r: r.update(topic="  "), "line 4: empty subject"),
+    (lambda r: r.pop("question"), "line 4: missing field 'question'"),
+])
+def test_malformed_jsonl_names_file_line_and_field(tmp_path, edit, message):
+    path = write_jsonl(tmp_path / "m.jsonl")
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[3])
+    edit(row)
+    lines[3] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as e:
+        load_mmlu(str(path))
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_subject_too_small_for_exemplars(tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", per_subject=5)
+    with pytest.raises(ValueError, match="subject 'first topic' has 5 items.*at least 6"):
+        load_mmlu(str(path))
+
+
+def _write_csv(folder, subject, split, rows):
+    import csv
+
+    (folder / split).mkdir(parents=True, exist_ok=True)
+    with open(folder / split / f"{subject}_{split}.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def test_hendrycks_folder_uses_its_dev_split(tmp_path):
+    rows = [[f"question {i}", "a", "b", "c", "d", "ABCD"[i % 4]] for i in range(7)]
+    _write_csv(tmp_path, "college_biology", "dev", rows[:5])
+    _write_csv(tmp_path, "college_biology", "test", rows)
+    data = load_mmlu(str(tmp_path))
+    assert data.subjects == ["college biology"] and len(data.test["college biology"]) == 7
+    assert "dev split" in data.exemplar_rule
+    _write_csv(tmp_path, "college_biology", "test", [*rows, ["q", "a", "b", "c", "d", "F"]])
+    with pytest.raises(ValueError, match=r"college_biology_test.csv, line 8: answer 'F'"):
+        load_mmlu(str(tmp_path))
+    _write_csv(tmp_path, "college_biology", "test", [*rows, ["q", "a", "b", "c", "d"]])
+    with pytest.raises(ValueError, match=r"college_biology_test.csv, line 8: .*missing field answer"):
+        load_mmlu(str(tmp_path))
+    _write_csv(tmp_path, "college_biology", "test", [])
+    with pytest.raises(ValueError, match=r"empty subject 'college biology'"):
+        load_mmlu(str(tmp_path))
+
+
+def test_hf_style_jsonl(tmp_path):
+    rows = [{"question": f"q {i}", "choices": ["w", "x", "y", "z"], "answer": i % 4, "subject": "world_religions"}
+            for i in range(8)]
+    path = tmp_path / "hf.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_mmlu(str(path))
+    assert data.subjects == ["world religions"] and [x.answer for x in data.test["world religions"]] == [1, 2, 3]
+
+
+def test_missing_data_path():
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_mmlu("/no/such/mmlu.jsonl")
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+def test_cli_eval_mmlu_writes_json(tmp_path, capsys):
+    folder = make_tiny_model_folder(tmp_path / "model", extra_words=MMLU_WORDS)
+    data = write_jsonl(tmp_path / "m.jsonl")
+    out = tmp_path / "res.json"
+    rc = main(["eval", "mmlu", str(folder), "--data", str(data), "--limit", "3", "--subjects", "first topic",
+               "third_topic", "--shots", "2", "--batch-size", "2", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["items"] == 6 and sorted(result["subjects"]) == ["first topic", "third topic"]
+    assert result["shots"] == 2 and result["data"]["source"] == str(data) and result["model"] == str(folder)
+    assert 0 <= result["micro_accuracy"] <= 1 and len(result["predictions"]) == 6
+    printed = capsys.readouterr().out
+    assert "micro average" in printed and str(out) in printed
+
+
+def test_cli_eval_mmlu_bad_input(tmp_path, capsys):
+    folder = make_tiny_model_folder(tmp_path / "model", extra_words=MMLU_WORDS)
+    data = write_jsonl(tmp_path / "m.jsonl")
+    assert main(["eval", "mmlu", str(folder), "--data", str(data), "--shots", "7"]) == 2
+    assert "--shots must be between 0 and 5, got 7" in capsys.readouterr().err
+    assert main(["eval", "mmlu", str(tmp_path / "nope"), "--data", str(data)]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_linearized_cache_copy_is_independent(tokenizer):
+    """Copying a prefix cache and extending the copy leaves the original state untouched."""
+    torch.manual_seed(0)
+    model = build_tiny("llama", vocab_size=len(tokenizer))
+    convert_model(model, AttentionConfig(variant="terraced", window_size=8, chunk_size=8))
+    from transformers import DynamicCache
+
+    ids = torch.randint(3, len(tokenizer), (1, 40))
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(ids[:, :30], past_key_values=cache, use_cache=True)
+        before = [t.clone() for t in cache.layers[0].state.tensors()]
+        other = copy.deepcopy(cache)
+        other.batch_repeat_interleave(3)
+        model(ids[:, 30:].repeat(3, 1), past_key_values=other, use_cache=True)
+    for a, b in zip(before, cache.layers[0].state.tensors(), strict=True):
+        assert torch.equal(a, b)
+    assert cache.layers[0].state.num_tokens == 30 and other.layers[0].state.num_tokens == 40
