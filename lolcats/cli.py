@@ -63,14 +63,35 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _eval_ppl(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
     from lolcats.checkpoint import load_model_any
     from lolcats.data import build_eval_windows
-    from lolcats.eval.perplexity import perplexity
+    from lolcats.eval.perplexity import token_metrics
+    from lolcats.training import atomic_write_text
 
     model, tokenizer = load_model_any(args.model)
+    teacher = load_model_any(args.teacher)[0] if args.teacher else None
     chunks = build_eval_windows(args.data, tokenizer, args.seq_len, args.windows)
-    print(f"perplexity {perplexity(model, chunks):.3f} over {len(chunks)} windows of {args.seq_len} tokens "
-          f"of {args.data}")
+    r = token_metrics(model, chunks, teacher)
+    print(f"perplexity {r['ppl']:.3f} over {len(chunks)} windows of {args.seq_len} tokens of {args.data} "
+          f"({r['tokens']} predicted tokens)")
+    if teacher is not None:
+        print(f"teacher perplexity {r['teacher_ppl']:.3f}; KL(teacher‖model) {r['kl']:.4f} nats/token; "
+              f"top-1 agreement {100 * r['top1_agreement']:.2f}%")
+    print("| positions | tokens | perplexity |" + (" teacher perplexity |" if teacher is not None else ""))
+    print("|---|---:|---:|" + ("---:|" if teacher is not None else ""))
+    for name, b in r["by_position"].items():
+        extra = f" {r['teacher_by_position'][name]['ppl']:.3f} |" if teacher is not None else ""
+        print(f"| {name} | {b['tokens']} | {b['ppl']:.3f} |{extra}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"model": args.model, "teacher": args.teacher, "data": args.data, "seq_len": args.seq_len,
+                  "windows": len(chunks), **r}
+        atomic_write_text(out, json.dumps(record, indent=1))
+        print(f"results written to {out}")
     return 0
 
 
@@ -152,11 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_generate)
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_command", required=True)
-    p = ev.add_parser("ppl", help="held-out perplexity over fixed windows")
+    p = ev.add_parser("ppl", help="held-out perplexity over fixed windows, by position bucket; KL to a teacher")
     p.add_argument("model", help="an out_dir, an HF folder or id, or a .gguf file")
     p.add_argument("--data", default="lolcats:moby_dick")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--windows", type=int, default=6)
+    p.add_argument("--teacher", help="a reference model (e.g. the original): adds KL(teacher‖model) and top-1 agreement")
+    p.add_argument("--out", help="write the result JSON here")
     p.set_defaults(func=_eval_ppl)
 
     p = ev.add_parser("mmlu", help="few-shot MMLU (cached subject prefixes, batched questions)")

@@ -52,3 +52,83 @@ def gap_closure(ppl_baseline: float, ppl_model: float, ppl_original: float) -> f
     """Log-perplexity gap closure of a model from a baseline toward the original (DESIGN.md)."""
     denom = math.log(ppl_baseline) - math.log(ppl_original)
     return (math.log(ppl_baseline) - math.log(ppl_model)) / denom if denom != 0 else float("nan")
+
+
+POSITION_BUCKETS = ((0, 512), (512, 1024), (1024, 2048), (2048, 4096), (4096, 8192))
+
+
+def bucket_name(lo: int, hi: int) -> str:
+    def k(x: int) -> str:
+        return f"{x // 1024}k" if x >= 1024 and x % 1024 == 0 else str(x)
+
+    return f"{k(lo)}–{k(hi)}"
+
+
+def _final_hidden(model: nn.Module, ids: Tensor) -> Tensor:
+    """(B, T, H) hidden states entering the LM head (after the final norm)."""
+    out = model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
+def _logits(model: nn.Module, hidden: Tensor) -> Tensor:
+    """LM head on a slice of final hidden states, with the model's logit soft-capping if it has one."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.no_grad()
+def token_metrics(model: nn.Module, chunks: Chunks, teacher: nn.Module | None = None, slice_len: int = 1024,
+                  buckets: tuple[tuple[int, int], ...] = POSITION_BUCKETS) -> dict:
+    """Per-token NLL summed by position bucket, and with a teacher KL(teacher‖model) and top-1 agreement.
+
+    Logits are formed ``slice_len`` positions at a time from the final hidden states, so an 8k-token
+    window never holds an (8k × vocab) logit tensor per model.
+
+    Returns:
+        ``{"ppl", "tokens", "by_position": {bucket: {"ppl", "tokens"}}}``, plus with a teacher
+        ``"teacher_ppl"``, ``"kl"`` (mean nats per token), ``"top1_agreement"`` and the teacher's
+        ``by_position`` under ``"teacher_by_position"``.
+    """
+    device = next(model.parameters()).device
+    sums = {"nll": 0.0, "tnll": 0.0, "kl": 0.0, "agree": 0, "n": 0}
+    per_bucket = {b: [0.0, 0.0, 0] for b in buckets}  # nll, teacher nll, count
+    for i in range(len(chunks)):
+        ids, labels = (x.to(device) for x in chunks[i])
+        hidden = _final_hidden(model, ids)
+        t_hidden = _final_hidden(teacher, ids.to(next(teacher.parameters()).device)).to(device) if teacher else None
+        t = ids.shape[1] - 1  # predictions for positions 1..T-1 come from positions 0..T-2
+        for start in range(0, t, slice_len):
+            stop = min(start + slice_len, t)
+            target = labels[:, start + 1 : stop + 1]
+            keep = target != -100
+            logp = torch.log_softmax(_logits(model, hidden[:, start:stop]), -1)
+            nll = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, S)
+            tnll = None
+            if t_hidden is not None:
+                t_logp = torch.log_softmax(_logits(teacher, t_hidden[:, start:stop]), -1)
+                tnll = -t_logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
+                sums["kl"] += float(kl[keep].sum())
+                sums["agree"] += int((t_logp.argmax(-1) == logp.argmax(-1))[keep].sum())
+                sums["tnll"] += float(tnll[keep].sum())
+            sums["nll"] += float(nll[keep].sum())
+            sums["n"] += int(keep.sum())
+            pos = torch.arange(start + 1, stop + 1, device=device).expand_as(target)  # position of the predicted token
+            for lo, hi in buckets:
+                m = keep & (pos >= lo) & (pos < hi)
+                if m.any():
+                    per_bucket[(lo, hi)][0] += float(nll[m].sum())
+                    per_bucket[(lo, hi)][1] += float(tnll[m].sum()) if tnll is not None else 0.0
+                    per_bucket[(lo, hi)][2] += int(m.sum())
+    n = max(sums["n"], 1)
+    out = {"ppl": math.exp(sums["nll"] / n), "tokens": sums["n"],
+           "by_position": {bucket_name(*b): {"ppl": math.exp(v[0] / v[2]), "tokens": v[2]}
+                           for b, v in per_bucket.items() if v[2]}}
+    if teacher is not None:
+        out.update(teacher_ppl=math.exp(sums["tnll"] / n), kl=sums["kl"] / n, top1_agreement=sums["agree"] / n,
+                   teacher_by_position={bucket_name(*b): {"ppl": math.exp(v[1] / v[2]), "tokens": v[2]}
+                                        for b, v in per_bucket.items() if v[2]})
+    return out
