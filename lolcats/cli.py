@@ -126,6 +126,52 @@ def _eval_mmlu(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_passkey(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from lolcats.checkpoint import load_model_any
+    from lolcats.eval.passkey import heatmap, passkey_accuracy, table
+    from lolcats.training import atomic_write_text
+
+    if args.trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {args.trials}")
+    model, tokenizer = load_model_any(args.model)
+    total = len(args.lengths) * len(args.depths) * args.trials
+    with tqdm(total=total, desc="passkey", unit="prompt", dynamic_ncols=True) as bar:
+        result = passkey_accuracy(model, tokenizer, args.lengths, args.depths, args.trials, args.seed,
+                                  progress=bar.update)
+    print(table(result))
+    print(f"overall accuracy {100 * result['accuracy']:.1f}% over {len(result['runs'])} prompts")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "passkey.json", json.dumps({"model": args.model, **result}, indent=1))
+    heatmap(result, out / "passkey.png", title=f"passkey retrieval: {args.model}")
+    print(f"results written to {out / 'passkey.json'} and {out / 'passkey.png'}")
+    return 0
+
+
+def _eval_harness(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from lolcats.checkpoint import load_model_any
+    from lolcats.eval.lm_eval import run_harness, table
+    from lolcats.training import atomic_write_text
+
+    tasks = [t for part in args.tasks for t in part.split(",") if t]
+    model, tokenizer = load_model_any(args.model)
+    result = run_harness(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                         batch_size=args.batch_size, include_path=args.include_path)
+    print(table(result))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps({"model": args.model, **result}, indent=1))
+        print(f"results written to {out}")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
@@ -193,6 +239,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="run every prompt alone from scratch (slow reference)")
     p.add_argument("--out", help="write the result JSON here")
     p.set_defaults(func=_eval_mmlu)
+
+    p = ev.add_parser("passkey", help="long-context retrieval of a number hidden in filler text")
+    p.add_argument("model", help="an out_dir, an exported folder, an HF folder or id, or a .gguf file")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="prompt tokens")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="fraction of the filler before the needle")
+    p.add_argument("--trials", type=int, default=2, help="random keys per (length, depth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="passkey", help="folder for passkey.json and passkey.png")
+    p.set_defaults(func=_eval_passkey)
+
+    p = ev.add_parser("harness", help="lm-eval harness tasks on the (linearized) model (extra `eval`)")
+    p.add_argument("model", help="an out_dir, an exported folder, an HF folder or id, or a .gguf file")
+    p.add_argument("--tasks", nargs="+", required=True, help="e.g. piqa arc_easy arc_challenge hellaswag winogrande")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--limit", type=int, help="items per task")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--include-path", help="a folder of extra task YAMLs (local data)")
+    p.add_argument("--out", help="write the result JSON here")
+    p.set_defaults(func=_eval_harness)
     return parser
 
 
@@ -208,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as e:
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -14,7 +14,7 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$py" -m pip install -q --upgrade pip
   "$py" -m pip install -q torch==2.13.0
-  "$py" -m pip install -q -e ".[dev]"
+  "$py" -m pip install -q -e ".[dev,eval]"
   echo "$want" > "$stamp"
 fi
 "$py" -m lolcats.assets
