@@ -219,3 +219,27 @@ def test_linearized_cache_copy_is_independent(tokenizer):
     for a, b in zip(before, cache.layers[0].state.tensors(), strict=True):
         assert torch.equal(a, b)
     assert cache.layers[0].state.num_tokens == 30 and other.layers[0].state.num_tokens == 40
+
+
+def test_hf_source_reads_test_and_dev_splits(monkeypatch):
+    """`hf:cais/mmlu` goes through datasets.load_dataset (the hub is not reachable here, so the call is
+    answered locally with the same columns cais/mmlu has: question, subject, choices, answer)."""
+    datasets = pytest.importorskip("datasets", reason="installed with the `eval` extra")
+
+    def rows(n, offset):
+        return [{"question": f"q{offset + i}", "subject": "college_physics", "choices": ["a", "b", "c", "d"],
+                 "answer": (offset + i) % 4} for i in range(n)]
+
+    calls = []
+
+    def fake_load(name, config):
+        calls.append((name, config))
+        return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows(7, 0)),
+                                     "dev": datasets.Dataset.from_list(rows(5, 100))})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    data = load_mmlu("hf:cais/mmlu")
+    assert calls == [("cais/mmlu", "all")]
+    assert data.source == "hf:cais/mmlu" and "dev split" in data.exemplar_rule
+    assert len(data.test["college physics"]) == 7 and [x.question for x in data.dev["college physics"]][0] == "q100"
+    assert data.test["college physics"][6].answer == 2
