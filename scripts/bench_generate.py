@@ -3,8 +3,8 @@
     .venv/bin/python scripts/bench_generate.py [--lengths 512 2048 7680] [--batches 1 8] [--new-tokens 256]
 
 Each (model, prompt length, batch) runs in a fresh subprocess so its memory figures are its own. The
-prompt is prefilled once at batch 1 (timed: prefill tokens/s) and the cache repeated to the batch
-size; then ``new-tokens`` greedy decode steps are timed one by one (decode tokens/s = batch ÷ median
+prompt is prefilled at batch 1 (timed ``--prefill-repeats`` times, median: prefill tokens/s) and the
+cache repeated to the batch size; then ``new-tokens`` greedy decode steps are timed one by one (decode tokens/s = batch ÷ median
 step time). Resident memory is read after glibc's malloc_trim, i.e. live memory. The linearized
 model is an *untrained* conversion (terraced, w = 64): timing does not
 depend on its weights. Prints a table, writes JSON and a PNG plot.
@@ -43,7 +43,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(kind: str, length: int, batch: int, new_tokens: int, model_ref: str, threads: int) -> dict:
+def worker(kind: str, length: int, batch: int, new_tokens: int, model_ref: str, threads: int,
+           prefill_repeats: int = 3) -> dict:
     from transformers import DynamicCache
 
     from lolcats import AttentionConfig, convert_model
@@ -58,12 +59,15 @@ def worker(kind: str, length: int, batch: int, new_tokens: int, model_ref: str, 
         torch.manual_seed(0)
         convert_model(model, AttentionConfig(variant="terraced", window_size=64))
     ids = build_eval_windows("lolcats:sotu", tokenizer, length, 1).input_ids  # (1, length) real text
-    cache = DynamicCache()
     rss_before = rss_mb()
     with torch.no_grad():
-        t = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        prefill_s = time.perf_counter() - t
+        prefill = []
+        for _ in range(prefill_repeats):
+            cache = DynamicCache()
+            t = time.perf_counter()
+            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            prefill.append(time.perf_counter() - t)
+        prefill_s = statistics.median(prefill)
         if batch > 1:
             cache.batch_repeat_interleave(batch)
         token = out.logits[:, -1].argmax(-1, keepdim=True).repeat(batch, 1)
@@ -78,7 +82,7 @@ def worker(kind: str, length: int, batch: int, new_tokens: int, model_ref: str, 
                 rss_early = rss_mb()
     return {
         "model": kind, "prompt_tokens": length, "batch": batch, "new_tokens": new_tokens,
-        "prefill_tokens_per_s": length / prefill_s,
+        "prefill_tokens_per_s": length / prefill_s, "prefill_seconds": prefill,
         "decode_tokens_per_s": batch / statistics.median(steps),
         "cache_bytes_per_sequence": cache_nbytes(cache) / batch,
         "rss_before_prefill_mb": rss_before, "rss_after_prefill_mb": rss_prefilled,
@@ -119,12 +123,14 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill-repeats", type=int, default=3, help="prefill timed this many times (median)")
     ap.add_argument("--out", default="bench_generate.json")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         kind, length, batch = args.worker
-        print(json.dumps(worker(kind, int(length), int(batch), args.new_tokens, args.model, args.threads)))
+        print(json.dumps(worker(kind, int(length), int(batch), args.new_tokens, args.model, args.threads,
+                                args.prefill_repeats)))
         return
 
     results = []
@@ -132,7 +138,8 @@ def main() -> None:
         for batch in args.batches:
             for kind in ("original", "linearized"):
                 cmd = [sys.executable, __file__, "--model", args.model, "--new-tokens", str(args.new_tokens),
-                       "--threads", str(args.threads), "--worker", kind, str(length), str(batch)]
+                       "--threads", str(args.threads), "--prefill-repeats", str(args.prefill_repeats),
+                       "--worker", kind, str(length), str(batch)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
                 if proc.returncode != 0:
                     sys.exit(f"worker {kind} {length} {batch} failed:\n{proc.stderr[-2000:]}")
