@@ -268,6 +268,22 @@ def export_merged(out_dir: str | os.PathLike, to: str | os.PathLike) -> Path:
     return dest
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cast_base(model: nn.Module, dtype: str) -> nn.Module:
+    """Cast the base weights to ``dtype`` (float32 / bfloat16 / float16) for inference; feature maps and
+    window factors stay in float32 (linearized layers compute in float32 either way) and so do
+    buffers such as rotary frequencies."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    target = DTYPES[dtype]
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not any(k in name for k in TRAINABLE_KEYS):
+            p.data = p.data.to(target)
+    return model
+
+
 def load_model_any(spec: str, device: str | None = None):
     """(model, tokenizer) from an out_dir, an exported folder, an HF folder or id, or a .gguf file."""
     from transformers import AutoTokenizer

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from lolcats import AttentionConfig, convert_model
-from lolcats.checkpoint import load_base, load_model_any
+from lolcats.checkpoint import cast_base, load_base, load_model_any
 from lolcats.config import ModelConfig
 from lolcats.eval.mmlu import evaluate_mmlu
 from lolcats.eval.mmlu_data import load_mmlu
@@ -81,6 +81,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--subset-limit", type=int, default=40, help="items per subject in the speed-up subset")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="base weights (bf16 matmuls use AMX where the CPU has it; attention of linearized layers "
+                         "computes in float32 either way)")
     ap.add_argument("--only", choices=["original", "linearized"], help="run one model")
     ap.add_argument("--skip-full", action="store_true", help="only the subset speed-up")
     ap.add_argument("--work", default="bench_mmlu_work", help="folder for per-subject progress (resumable)")
@@ -97,13 +100,16 @@ def main() -> None:
         torch.manual_seed(0)
         convert_model(linearized, AttentionConfig(variant="terraced", window_size=64))
         lin_desc = "untrained conversion (terraced, w=64): timing only, accuracy meaningless"
-    work = Path(args.work)
+    for m in (original, linearized):
+        cast_base(m, args.dtype)
+    work = Path(args.work) / args.dtype
     work.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.json)
     report = json.loads(out_path.read_text()) if out_path.exists() else {}
-    report["meta"] = {"model": args.model, "linearized": lin_desc, "data": data.source, "exemplar_rule": data.exemplar_rule,
-                      "batch_size": args.batch_size, "machine": f"{platform.machine()}, {args.threads} threads",
-                      "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    report["meta"] = {"model": args.model, "linearized": lin_desc, "data": data.source,
+                      "exemplar_rule": data.exemplar_rule, "batch_size": args.batch_size, "dtype": args.dtype,
+                      "machine": f"{platform.machine()}, {args.threads} threads", "torch": torch.__version__,
+                      "date": time.strftime("%Y-%m-%d")}
     for name, model in (("original", original), ("linearized", linearized)):
         if args.only and name != args.only:
             continue

@@ -243,3 +243,23 @@ def test_hf_source_reads_test_and_dev_splits(monkeypatch):
     assert data.source == "hf:cais/mmlu" and "dev split" in data.exemplar_rule
     assert len(data.test["college physics"]) == 7 and [x.question for x in data.dev["college physics"]][0] == "q100"
     assert data.test["college physics"][6].answer == 2
+
+
+def test_bfloat16_base_keeps_trainable_weights_in_float32(tokenizer, tmp_path):
+    from lolcats.checkpoint import cast_base
+
+    torch.manual_seed(0)
+    model = build_tiny("llama", vocab_size=len(tokenizer))
+    convert_model(model, AttentionConfig(variant="terraced", window_size=8, chunk_size=8))
+    cast_base(model, "bfloat16")
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "feature_map" in n or "window_factor" in n)
+    assert dtypes["model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
+    data = load_jsonl(write_jsonl(tmp_path / "m.jsonl"))
+    fast = evaluate_mmlu(model, tokenizer, data, batch_size=4)
+    slow = evaluate_mmlu(model, tokenizer, data, batch_size=1, cached=False)
+    lp_fast, _ = _scores(fast)
+    lp_slow, _ = _scores(slow)
+    torch.testing.assert_close(lp_fast, lp_slow, atol=0.05, rtol=0)  # bf16 rounding, not a different path
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        cast_base(model, "int8")
