@@ -19,8 +19,8 @@ class TqdmProgress:
         self.bar: tqdm | None = None
         self.tokens0 = 0
 
-    def start(self, stage: str, total_steps: int) -> None:
-        self.bar = tqdm(total=total_steps, desc=stage, unit="step", dynamic_ncols=True)
+    def start(self, stage: str, total_steps: int, position: int = 0) -> None:
+        self.bar = tqdm(total=total_steps, desc=stage, unit="step", dynamic_ncols=True, position=position)
         self.tokens0 = -1
 
     def update(self, step: int, tokens: int, record: dict) -> None:
@@ -30,8 +30,8 @@ class TqdmProgress:
             self.bar.n = step - 1
             self.tokens0 = tokens
         elapsed = self.bar.format_dict["elapsed"] or 1e-9
-        self.bar.set_postfix(loss=f"{record['loss']:.4g}", tok_s=f"{(tokens - self.tokens0) / elapsed:.0f}",
-                             refresh=False)
+        shown = {"loss": f"{record['loss']:.4g}"} if "loss" in record else {}
+        self.bar.set_postfix(**shown, tok_s=f"{(tokens - self.tokens0) / elapsed:.0f}", refresh=False)
         self.bar.update(step - self.bar.n)
 
     def end(self) -> None:
@@ -49,6 +49,52 @@ def _linearize(args: argparse.Namespace) -> int:
     if result.table:
         print(result.table)
     print(f"results in {result.out_dir} (report: {result.report})")
+    return 0
+
+
+def _rank_bar(desc: str, total: int) -> TqdmProgress:
+    """A progress bar for block-by-block steps; under torchrun each rank draws its own, labelled."""
+    import os
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    bar = TqdmProgress()
+    bar.start(f"[rank {rank}/{world}] {desc}" if world > 1 else desc, total, position=rank)
+    return bar
+
+
+def _blockwise(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from lolcats import blockwise
+    from lolcats.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    if args.blockwise_command == "plan":
+        p = blockwise.plan(cfg, tokens=args.tokens, model_config=args.model_config, recipe_dir=Path(args.recipe).parent)
+        print(blockwise.format_plan(p))
+        if args.json:
+            Path(args.json).write_text(json.dumps(p, indent=1))
+            print(f"plan written to {args.json}")
+    elif args.blockwise_command == "precompute":
+        r = blockwise.precompute(cfg, progress=_rank_bar)
+        for problem in r.problems:
+            print(f"found: {problem}")
+        print(f"hidden states in {r.hidden_dir}: {len(r.written)} shards written, {r.verified} verified and kept"
+              + (f"; peak layer weights {r.peak_param_bytes / 1e6:.1f} MB, hidden states in flight "
+                 f"{r.inflight_bytes / 1e6:.1f} MB" if r.written else ""))
+        for name in r.written:
+            print(f"  wrote {name}")
+    elif args.blockwise_command == "train":
+        results = blockwise.train(cfg, blocks=args.blocks, progress=_rank_bar)
+        if results is not None:
+            print(blockwise.format_summary(results))
+            print(f"block weights and metrics in {Path(cfg.out_dir) / 'blockwise'}")
+    else:
+        result = blockwise.stitch(cfg, progress=TqdmProgress())
+        if result.table:
+            print(result.table)
+        print(f"results in {result.out_dir} (report: {result.report})")
     return 0
 
 
@@ -201,6 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distill.max_steps=10")
     p.add_argument("--overwrite", action="store_true", help="delete out_dir if it holds another run")
     p.set_defaults(func=_linearize)
+
+    bw = sub.add_parser("blockwise", help="block-by-block stage 1 for 70B-405B models").add_subparsers(
+        dest="blockwise_command", required=True)
+    for name, text in (("plan", "block split, disk need and memory per block, from the config alone"),
+                       ("precompute", "write each block's input hidden states (streams one layer at a time)"),
+                       ("train", "train blocks from their stored inputs (torchrun: one block per rank at a time)"),
+                       ("stitch", "merge the blocks' weights, then stage 2 as in `linearize`")):
+        p = bw.add_parser(name, help=text)
+        p.add_argument("recipe", help="recipe YAML, e.g. recipes/llama3_1_405b.yaml")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. blockwise.block_size=2")
+        if name == "plan":
+            p.add_argument("--tokens", type=int, help="tokens to plan for (default: blockwise.tokens)")
+            p.add_argument("--model-config", help="a config.json (default: blockwise.model_config or the model folder)")
+            p.add_argument("--json", help="also write the plan as JSON here")
+        if name == "train":
+            p.add_argument("--blocks", type=int, nargs="+", help="only these blocks (default: all)")
+        p.set_defaults(func=_blockwise)
 
     p = sub.add_parser("export", help="write a self-contained merged model")
     p.add_argument("out_dir")

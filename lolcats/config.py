@@ -253,6 +253,36 @@ class LoraConfig:
 
 
 @dataclass
+class BlockwiseConfig:
+    """Block-by-block stage 1 for models too large to train whole (DESIGN.md §1; paper §3.3).
+
+    Attributes:
+        block_size: k, decoder layers per block; the L layers split into ceil(L / k) blocks.
+        hidden_dir: where precompute writes the block-input hidden states (default ``<out_dir>/blockwise/hidden``).
+        shard_dtype: dtype of the stored hidden states (``bfloat16`` halves the disk need).
+        chunks_per_shard: packed chunks per shard file.
+        tokens: token count ``blockwise plan`` uses for its disk estimate when no data is tokenised
+            (0: count the recipe's training data).
+        model_config: a local ``config.json`` for ``plan`` when the model itself is not on disk
+            (relative paths are read from the recipe's folder).
+    """
+
+    block_size: int = 1
+    hidden_dir: str = ""
+    shard_dtype: str = "bfloat16"
+    chunks_per_shard: int = 64
+    tokens: int = 0
+    model_config: str = ""
+
+    def __post_init__(self) -> None:
+        _positive("blockwise.block_size", self.block_size)
+        _positive("blockwise.chunks_per_shard", self.chunks_per_shard)
+        _choice("blockwise.shard_dtype", self.shard_dtype, ("bfloat16", "float16", "float32"))
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 0:
+            raise ValueError(f"blockwise.tokens={self.tokens!r} must be a non-negative integer")
+
+
+@dataclass
 class ReportConfig:
     """What the report measures. ``samples``: prompts for sample generations."""
 
@@ -276,6 +306,7 @@ class LolcatsConfig:
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    blockwise: BlockwiseConfig = field(default_factory=BlockwiseConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict[str, Any]:

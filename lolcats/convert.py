@@ -6,6 +6,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from lolcats.attention import LolcatsAttention
@@ -67,7 +68,7 @@ def _plan(model: nn.Module, family: Family, layers: nn.ModuleList, config: Atten
     return todo
 
 
-def convert_model(model: nn.Module, config: AttentionConfig | None = None) -> nn.Module:
+def convert_model(model: nn.Module, config: AttentionConfig | None = None, seed: int | None = None) -> nn.Module:
     """Linearize a Hugging Face causal LM in place and return it.
 
     Every base weight is frozen; only the feature maps and window factors of converted layers train.
@@ -76,6 +77,10 @@ def convert_model(model: nn.Module, config: AttentionConfig | None = None) -> nn
     Args:
         model: e.g. ``LlamaForCausalLM``; see :func:`lolcats.models.supported_model_types`.
         config: attention settings; defaults to :class:`AttentionConfig` ().
+        seed: when given, layer ``i``'s feature maps are drawn from a generator seeded by
+            ``(seed, i)`` alone, so converting any subset of layers (block-by-block training) gives
+            each layer the same initial weights as converting the whole model; when None they draw
+            from the global RNG in layer order.
 
     Returns:
         The same model object.
@@ -90,7 +95,10 @@ def convert_model(model: nn.Module, config: AttentionConfig | None = None) -> nn
         p.requires_grad_(False)
     for i in todo:
         base = layers[i].self_attn
-        new = LolcatsAttention(base, family, config, i, heads, kv_heads)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed * 1_000_003 + i)
+            new = LolcatsAttention(base, family, config, i, heads, kv_heads)
         new.train(base.training)
         layers[i].self_attn = new
     model.lolcats_attention_config = dataclasses.replace(config)

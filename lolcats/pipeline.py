@@ -105,8 +105,12 @@ def prepare_out_dir(out: Path, cfg: LolcatsConfig, fp: str, overwrite: bool) -> 
         except (CheckpointError, json.JSONDecodeError) as e:
             raise CheckpointError(f"out_dir {out} holds an unreadable checkpoint ({e}); pass --overwrite") from None
         if record is None:
-            raise CheckpointError(f"out_dir {out} is not empty and holds no lolcats run; choose another out_dir "
-                                  "or pass --overwrite")
+            # a block-by-block run in progress (blocks, stitched attention) may go on into stage 2
+            if {p.name for p in out.iterdir()} - {"blockwise", ATTENTION_FILE, "train_state"}:
+                raise CheckpointError(f"out_dir {out} is not empty and holds no lolcats run; choose another out_dir "
+                                      "or pass --overwrite")
+            out.mkdir(parents=True, exist_ok=True)
+            return
         if record["base_model"]["fingerprint"] != fp:
             raise CheckpointError(
                 f"out_dir {out} holds a run on another base model ({record['base_model']['name_or_path']}, "
@@ -173,8 +177,7 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
         measure("original")
         measure("window_only", cfg.attention.window_size)
 
-    torch.manual_seed(cfg.seed)  # feature-map initialisation
-    convert_model(model, cfg.attention)
+    convert_model(model, cfg.attention, seed=cfg.seed)  # per-layer seeded feature-map initialisation
     stages: dict[str, dict[str, Any]] = {}
     mse_before = mse_after = None
     if cfg.report.enabled:

@@ -1,0 +1,110 @@
+"""``lolcats blockwise precompute``: one teacher pass, streaming the model one layer at a time, that writes
+the hidden states entering every block (see :mod:`lolcats.blockwise.shards` for the files)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lolcats.blockwise.common import Progress, block_ranges, hidden_dir, load_data, streaming_model
+from lolcats.blockwise.shards import ShardStore
+from lolcats.blockwise.streaming import StreamingModel
+from lolcats.checkpoint import DTYPES
+from lolcats.config import LolcatsConfig
+
+
+@dataclass
+class PrecomputeResult:
+    hidden_dir: Path
+    written: list[str]
+    verified: int
+    problems: list[str]
+    peak_param_bytes: int
+    inflight_bytes: int
+    seconds: float
+
+
+def _param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters() if not p.is_meta)
+
+
+@torch.no_grad()
+def precompute(cfg: LolcatsConfig, progress: Progress | None = None) -> PrecomputeResult:
+    """Write every block start's input hidden states; verified shards are kept, bad ones rewritten."""
+    start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    sm, path = streaming_model(cfg)
+    train, heldout = load_data(cfg, path)
+    blocks = block_ranges(len(sm.layers), cfg.blockwise.block_size)
+    starts = {r.start: b for b, r in enumerate(blocks)}
+    store = ShardStore(hidden_dir(cfg), _store_key(cfg, sm, len(train), len(heldout)),
+                       DTYPES[cfg.blockwise.shard_dtype])
+    groups = [g for split, chunks in (("train", train), ("heldout", heldout))
+              for g in store.groups(split, chunks, len(blocks), cfg.blockwise.chunks_per_shard)]
+    todo = [g for g in groups if g.bad]
+    verified = sum(len(blocks) - len(g.bad) for g in groups)
+    if not todo:
+        return PrecomputeResult(store.root, [], verified, store.problems, 0, 0, time.perf_counter() - start)
+    store.check_free_space(sum(g.shard_bytes(sm.config.hidden_size, store.dtype.itemsize) * len(g.bad) for g in todo))
+    _, kwargs = sm.layer_inputs(seq_len=cfg.data.seq_len)
+    embed = sm.model.get_input_embeddings()
+    first = min(g.begin for g in todo)
+    last = max(max(g.bad) for g in todo)
+    bar = progress("precompute", blocks[last].start - blocks[first].start + 1) if progress else None
+    written, peak, inflight, tokens = [], 0, 0, 0
+    for i in range(blocks[first].start, blocks[last].start + 1):
+        if i in starts:
+            b = starts[i]
+            for g in todo:
+                if g.begin == b:
+                    if b in g.bad:  # only block 0 can be a group's first block and bad: embed the tokens
+                        sm.materialize(embed)
+                        peak = max(peak, _param_bytes(embed))
+                        g.state = torch.cat([sm.layer_inputs(input_ids=g.input_ids[c:c + 1])[0]
+                                             for c in range(len(g.input_ids))])
+                        sm.release(embed)
+                    else:
+                        g.state = store.read(g, b).to(sm.dtype)
+                if g.state is None:
+                    continue
+                g.state = g.state.to(store.dtype).to(sm.dtype)  # what is stored is what flows on
+                if b in g.bad:
+                    written.append(store.write(g, b, g.state, layer=i))
+                if b == max(g.bad):
+                    g.state = None
+            inflight = max(inflight, sum(g.state.numel() * g.state.element_size() for g in todo
+                                         if g.state is not None))
+            if i == blocks[last].start:
+                break
+        active = [g for g in todo if g.state is not None]
+        if not active:
+            continue
+        layer = sm.materialize(sm.layers[i])
+        peak = max(peak, _param_bytes(layer))
+        for g in active:
+            for c in range(g.state.shape[0]):
+                g.state[c:c + 1] = layer(g.state[c:c + 1], **kwargs[i])
+            tokens += g.state.shape[0] * g.state.shape[1]
+        sm.release(layer)
+        if bar:
+            bar.update(i - blocks[first].start + 1, tokens, {"layer": i})
+    if bar:
+        bar.end()
+    return PrecomputeResult(store.root, written, verified, store.problems, peak, inflight, time.perf_counter() - start)
+
+
+def _store_key(cfg: LolcatsConfig, sm: StreamingModel, n_train: int, n_heldout: int) -> dict[str, Any]:
+    """What the stored hidden states depend on; a manifest with another key belongs to another run."""
+    files = sorted((f.name, f.stat().st_size) for f in sm.path.glob("*.safetensors"))
+    return {"model": cfg.model.name_or_path, "checkpoint_files": files, "dtype": cfg.model.dtype,
+            "attn_implementation": cfg.model.attn_implementation, "num_layers": len(sm.layers),
+            "block_size": cfg.blockwise.block_size, "shard_dtype": cfg.blockwise.shard_dtype,
+            "chunks_per_shard": cfg.blockwise.chunks_per_shard, "data": {
+                "train": cfg.data.train, "train_filter": cfg.data.train_filter, "seq_len": cfg.data.seq_len,
+                "heldout_chunks": cfg.data.heldout_chunks, "train_chunks": n_train, "heldout": n_heldout}}
