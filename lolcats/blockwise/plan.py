@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lolcats.blockwise.common import block_ranges, disk_bytes, fmt_bytes
 from lolcats.checkpoint import DTYPES, resolve_model_path
 from lolcats.config import LolcatsConfig
@@ -36,9 +38,9 @@ def plan(cfg: LolcatsConfig, tokens: int | None = None, model_config: str | None
     else:
         raise FileNotFoundError(f"no model config at {source}; set blockwise.model_config to a local config.json "
                                 "(plan needs only the config, never the weights)")
-    with init_empty_weights():
+    with init_empty_weights(), torch.device("meta"):  # shapes only: nothing is allocated or initialised
         model = AutoModelForCausalLM.from_config(hf_config)
-    convert_model(model, cfg.attention)
+        convert_model(model, cfg.attention)
     layers = find_decoder_layers(model)
     blocks = block_ranges(len(layers), cfg.blockwise.block_size)
     itemsize = DTYPES[cfg.blockwise.shard_dtype].itemsize
@@ -74,5 +76,5 @@ def format_plan(p: dict[str, Any]) -> str:
     lines += ["", f"hidden states on disk: {itemsize} bytes × {p['tokens']:,} tokens × {p['hidden_size']} hidden × "
               f"{len(p['blocks'])} block starts = {fmt_bytes(p['disk_bytes'])} ({p['shard_dtype']}, decimal units)",
               f"train step: up to {p['processes']} processes/GPUs, one block each "
-              f"(torchrun --nproc_per_node N lolcats blockwise train RECIPE)"]
+              f"(torchrun --nproc_per_node N -m lolcats.cli blockwise train RECIPE)"]
     return "\n".join(lines)

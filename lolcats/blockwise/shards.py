@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from lolcats.blockwise.common import fmt_bytes
 from lolcats.data import Chunks
 
 logger = logging.getLogger(__name__)
@@ -110,9 +111,9 @@ class ShardStore:
             name = f.relative_to(self.root).as_posix()
             try:
                 with safe_open(str(f), "pt") as handle:
-                    meta = handle.metadata() or {}
-                    ok = tensor_sha256(handle.get_tensor("hidden")) == meta.get("tensor_sha256")
-                entry = json.loads(meta["entry"]) if ok else None
+                    meta = json.loads((handle.metadata() or {}).get("lolcats", "{}"))
+                    ok = tensor_sha256(handle.get_tensor("hidden")) == meta.pop("tensor_sha256", None)
+                entry = meta if ok else None
             except Exception as e:  # noqa: BLE001 (any unreadable file is simply not trusted)
                 entry, ok = None, False
                 logger.debug("%s unreadable: %s", name, e)
@@ -153,13 +154,13 @@ class ShardStore:
         self.root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.root).free
         if free < need:
-            raise ShardError(f"precompute needs {need / 1e9:.2f} GB for hidden states in {self.root} but only "
-                             f"{free / 1e9:.2f} GB is free; free space or set blockwise.hidden_dir to a larger disk")
+            raise ShardError(f"precompute needs {fmt_bytes(need)} for hidden states in {self.root} but only "
+                             f"{fmt_bytes(free)} is free; free space or set blockwise.hidden_dir to a larger disk")
 
     # ------------------------------------------------------------------ reading and writing
     def read(self, group: Group, block: int) -> Tensor:
         with safe_open(str(self.root / shard_name(group.split, block, group.index)), "pt") as handle:
-            return handle.get_tensor("hidden")
+            return handle.get_tensor("hidden").clone()  # never alias the (memory-mapped) file
 
     def write(self, group: Group, block: int, state: Tensor, layer: int) -> str:
         name = shard_name(group.split, block, group.index)
@@ -172,7 +173,9 @@ class ShardStore:
                  "tokens": [group.chunks.start * seq, group.chunks.stop * seq],
                  "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"hidden": t}, str(tmp), metadata={"entry": json.dumps(entry), "tensor_sha256": tensor_sha256(t)})
+        # one metadata key: safetensors writes several in no fixed order, and a repaired shard must be identical
+        header = json.dumps({**entry, "tensor_sha256": tensor_sha256(t)}, sort_keys=True)
+        save_file({"hidden": t}, str(tmp), metadata={"lolcats": header})
         os.replace(tmp, path)
         self.shards[name] = {**entry, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
         self._save()
