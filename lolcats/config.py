@@ -153,6 +153,8 @@ class DataConfig:
         eval_out_of_domain: a corpus never trained on (``lolcats:moby_dick``).
         seq_len: packed chunk length in tokens.
         heldout_chunks: chunks of the training stream kept out for stage-1 held-out loss.
+        max_train_chunks: keep only the first this many training chunks (0 = all); the held-out
+            chunks stay the last of the whole stream.
         eval_windows: windows of ``seq_len`` tokens per evaluation corpus for the report.
         instruction_template: prompt template for Alpaca-format data.
     """
@@ -164,6 +166,7 @@ class DataConfig:
     eval_out_of_domain: str = "lolcats:moby_dick"
     seq_len: int = 1024
     heldout_chunks: int = 4
+    max_train_chunks: int = 0
     eval_windows: int = 6
     instruction_template: str = "alpaca"
 
@@ -171,6 +174,8 @@ class DataConfig:
         _positive("data.seq_len", self.seq_len)
         _positive("data.heldout_chunks", self.heldout_chunks)
         _positive("data.eval_windows", self.eval_windows)
+        if isinstance(self.max_train_chunks, bool) or not isinstance(self.max_train_chunks, int) or self.max_train_chunks < 0:
+            raise ValueError(f"data.max_train_chunks={self.max_train_chunks!r} must be a non-negative integer (0 = all)")
         _choice("data.instruction_template", self.instruction_template, ("alpaca",))
 
 

@@ -151,17 +151,20 @@ def pack(ids: Tensor, labels: Tensor, seq_len: int, what: str, max_chunks: int |
     return Chunks(ids[: n * seq_len].view(n, seq_len), labels[: n * seq_len].view(n, seq_len))
 
 
-def build_train_data(spec: str, tokenizer, seq_len: int, heldout_chunks: int, before: str = "") -> tuple[Chunks, Chunks]:
-    """Training chunks and held-out chunks (the last ``heldout_chunks`` of the packed stream)."""
+def build_train_data(spec: str, tokenizer, seq_len: int, heldout_chunks: int, before: str = "",
+                     max_train_chunks: int = 0) -> tuple[Chunks, Chunks]:
+    """Training chunks and held-out chunks (the last ``heldout_chunks`` of the packed stream); with
+    ``max_train_chunks`` > 0 only the first that many training chunks are kept (held-out unchanged)."""
     ids, labels = tokenize_stream(load_documents(spec, before=before), tokenizer)
     chunks = pack(ids, labels, seq_len, f"training data {spec}")
     if len(chunks) <= heldout_chunks:
         raise ValueError(f"training data {spec} packs into {len(chunks)} chunks of {seq_len} tokens; it needs more "
                          f"than data.heldout_chunks={heldout_chunks} to keep some for training")
     cut = len(chunks) - heldout_chunks
-    train = Chunks(chunks.input_ids[:cut], chunks.labels[:cut])
+    keep = min(cut, max_train_chunks) if max_train_chunks > 0 else cut
+    train = Chunks(chunks.input_ids[:keep], chunks.labels[:keep])
     heldout = Chunks(chunks.input_ids[cut:], chunks.labels[cut:])
-    logger.info("training data: %d chunks of %d tokens, %d held out", cut, seq_len, heldout_chunks)
+    logger.info("training data: %d chunks of %d tokens, %d held out", keep, seq_len, heldout_chunks)
     return train, heldout
 
 

@@ -158,7 +158,8 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
     cached = _Cached(state / "evals.json")
 
     d = cfg.data
-    train, heldout = build_train_data(d.train, tokenizer, d.seq_len, d.heldout_chunks, before=d.train_filter)
+    train, heldout = build_train_data(d.train, tokenizer, d.seq_len, d.heldout_chunks, before=d.train_filter,
+                                      max_train_chunks=d.max_train_chunks)
     cfg = dataclasses.replace(
         cfg, distill=dataclasses.replace(cfg.distill, max_steps=cfg.steps(cfg.distill, len(train))),
         lora=dataclasses.replace(cfg.lora, max_steps=cfg.steps(cfg.lora, len(train))))

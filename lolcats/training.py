@@ -220,7 +220,7 @@ class Trainer:
                 total += loss.item() / spec.grad_accum
                 for k, v in extra.items():
                     extras[k] = extras.get(k, 0.0) + v / spec.grad_accum
-                self.tokens += input_ids.numel()
+                self.tokens += input_ids.shape[0] * input_ids.shape[1]  # ids (B, T) or hidden states (B, T, D)
             if spec.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
             self.optimizer.step()

@@ -80,6 +80,7 @@ def test_blockwise_stage1_equals_joint_stage1(assets, joint, tmp_path, k):
     assert pre.written and not pre.problems
     results = blockwise.train(cfg)
     assert [r["block"] for r in results] == list(range(4 // k))
+    assert all(r["steps"] == 5 and r["tokens"] == 5 * 2 * 32 for r in results)  # steps x grad_accum x seq_len
     merged, _ = merge_blocks(cfg)
     assert sorted(merged) == sorted(joint)
     for name, t in joint.items():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lolcats.blockwise.streaming import StreamingModel
 from lolcats.checkpoint import DTYPES, pick_device, resolve_model_path
@@ -51,8 +54,11 @@ def streaming_model(cfg: LolcatsConfig) -> tuple[StreamingModel, str]:
     if not Path(path).is_dir():
         raise FileNotFoundError(f"block-by-block work reads weights layer by layer from a local folder; "
                                 f"{cfg.model.name_or_path} is not one (download it first)")
+    device = pick_device(cfg.model.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per process
     return StreamingModel(path, DTYPES[cfg.model.dtype], cfg.model.attn_implementation,
-                          cfg.model.trust_remote_code, pick_device(cfg.model.device)), path
+                          cfg.model.trust_remote_code, device), path
 
 
 def load_data(cfg: LolcatsConfig, path: str):
@@ -62,6 +68,7 @@ def load_data(cfg: LolcatsConfig, path: str):
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     d = cfg.data
-    return build_train_data(d.train, tokenizer, d.seq_len, d.heldout_chunks, before=d.train_filter)
+    return build_train_data(d.train, tokenizer, d.seq_len, d.heldout_chunks, before=d.train_filter,
+                            max_train_chunks=d.max_train_chunks)
 
 

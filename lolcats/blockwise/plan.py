@@ -65,13 +65,17 @@ def _trainable_prefixes() -> tuple[str, ...]:
     return tuple(f"self_attn.{k}" for k in TRAINABLE_KEYS)
 
 
+def _fmt_count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
 def format_plan(p: dict[str, Any]) -> str:
     itemsize = DTYPES[p["shard_dtype"]].itemsize
     lines = [f"model {p['model']} (config {p['config']}): {p['num_layers']} layers, hidden {p['hidden_size']}; "
              f"k = {p['block_size']} -> {len(p['blocks'])} blocks", "",
              "| block | layers | base params | base weights | trainable params |", "|---:|---|---:|---:|---:|"]
     for r in p["blocks"]:
-        lines.append(f"| {r['block']} | {r['layers'][0]}–{r['layers'][1]} | {r['base_params'] / 1e9:.3f} B | "
+        lines.append(f"| {r['block']} | {r['layers'][0]}–{r['layers'][1]} | {_fmt_count(r['base_params'])} | "
                      f"{fmt_bytes(r['base_bytes'])} | {r['trainable_params']:,} |")
     lines += ["", f"hidden states on disk: {itemsize} bytes × {p['tokens']:,} tokens × {p['hidden_size']} hidden × "
               f"{len(p['blocks'])} block starts = {fmt_bytes(p['disk_bytes'])} ({p['shard_dtype']}, decimal units)",

@@ -13,7 +13,7 @@ from torch import nn
 
 from lolcats.blockwise.common import Progress, block_ranges, hidden_dir, load_data, streaming_model
 from lolcats.blockwise.shards import ShardStore
-from lolcats.blockwise.streaming import StreamingModel
+from lolcats.blockwise.streaming import StreamingModel, layer_output
 from lolcats.checkpoint import DTYPES
 from lolcats.config import LolcatsConfig
 
@@ -56,7 +56,7 @@ def precompute(cfg: LolcatsConfig, progress: Progress | None = None) -> Precompu
     embed = sm.model.get_input_embeddings()
     first = min(g.begin for g in todo)
     last = max(max(g.bad) for g in todo)
-    bar = progress("precompute", blocks[last].start - blocks[first].start + 1) if progress else None
+    bar = progress("precompute", blocks[last].start - blocks[first].start) if progress else None
     written, peak, inflight, tokens = [], 0, 0, 0
     for i in range(blocks[first].start, blocks[last].start + 1):
         if i in starts:
@@ -66,7 +66,7 @@ def precompute(cfg: LolcatsConfig, progress: Progress | None = None) -> Precompu
                     if b in g.bad:  # only block 0 can be a group's first block and bad: embed the tokens
                         sm.materialize(embed)
                         peak = max(peak, _param_bytes(embed))
-                        g.state = torch.cat([sm.layer_inputs(input_ids=g.input_ids[c:c + 1])[0]
+                        g.state = torch.cat([sm.layer_inputs(input_ids=g.input_ids[c:c + 1])[0].cpu()
                                              for c in range(len(g.input_ids))])
                         sm.release(embed)
                     else:
@@ -87,9 +87,9 @@ def precompute(cfg: LolcatsConfig, progress: Progress | None = None) -> Precompu
             continue
         layer = sm.materialize(sm.layers[i])
         peak = max(peak, _param_bytes(layer))
-        for g in active:
+        for g in active:  # states stay in host memory; one chunk at a time visits the device
             for c in range(g.state.shape[0]):
-                g.state[c:c + 1] = layer(g.state[c:c + 1], **kwargs[i])
+                g.state[c:c + 1] = layer_output(layer(g.state[c:c + 1].to(sm.device), **kwargs[i])).to(g.state.device)
             tokens += g.state.shape[0] * g.state.shape[1]
         sm.release(layer)
         if bar:

@@ -57,6 +57,11 @@ class TensorIndex:
         return out
 
 
+def layer_output(out: Tensor | tuple) -> Tensor:
+    """The hidden states a decoder layer returns (a tensor in transformers 5, a tuple in some families)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 class _Stop(Exception):
     pass
 

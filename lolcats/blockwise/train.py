@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lolcats.blockwise.common import BlockwiseError, Progress, block_dir, block_ranges, hidden_dir, streaming_model
 from lolcats.blockwise.shards import HiddenShards
-from lolcats.blockwise.streaming import StreamingModel
+from lolcats.blockwise.streaming import StreamingModel, layer_output
 from lolcats.checkpoint import pick_device, resolve_model_path
 from lolcats.config import LolcatsConfig
 from lolcats.convert import TRAINABLE_KEYS, convert_model, linearized_layers
@@ -63,7 +63,7 @@ class BlockTransfer:
         with torch.no_grad():
             h = hidden.to(self.sm.device, self.sm.dtype)
             for i in self.layer_ids:
-                h = self.sm.layers[i](h, **self.kwargs[i])
+                h = layer_output(self.sm.layers[i](h, **self.kwargs[i]))
         return [self.wrappers[i].losses[0] for i in sorted(self.wrappers)]
 
     def loss(self, hidden: Tensor, _labels: object) -> tuple[Tensor, dict[str, float]]:
@@ -151,7 +151,10 @@ def train(cfg: LolcatsConfig, blocks: list[int] | None = None, progress: Progres
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if pick_device(cfg.model.device).type == "cuda" else "gloo")
+            cuda = pick_device(cfg.model.device).type == "cuda"
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if cuda else "gloo")
     try:
         from transformers import AutoConfig
 
