@@ -266,6 +266,8 @@ class BlockwiseConfig:
         hidden_dir: where precompute writes the block-input hidden states (default ``<out_dir>/blockwise/hidden``).
         shard_dtype: dtype of the stored hidden states (``bfloat16`` halves the disk need).
         chunks_per_shard: packed chunks per shard file.
+        max_inflight_chunks: precompute holds at most this many chunks' hidden states in memory,
+            in waves that each stream the layers again (0: all chunks in one pass).
         tokens: token count ``blockwise plan`` uses for its disk estimate when no data is tokenised
             (0: count the recipe's training data).
         model_config: a local ``config.json`` for ``plan`` when the model itself is not on disk
@@ -276,12 +278,16 @@ class BlockwiseConfig:
     hidden_dir: str = ""
     shard_dtype: str = "bfloat16"
     chunks_per_shard: int = 64
+    max_inflight_chunks: int = 0
     tokens: int = 0
     model_config: str = ""
 
     def __post_init__(self) -> None:
         _positive("blockwise.block_size", self.block_size)
         _positive("blockwise.chunks_per_shard", self.chunks_per_shard)
+        if isinstance(self.max_inflight_chunks, bool) or not isinstance(self.max_inflight_chunks, int) \
+                or self.max_inflight_chunks < 0:
+            raise ValueError(f"blockwise.max_inflight_chunks={self.max_inflight_chunks!r} must be >= 0 (0 = all at once)")
         _choice("blockwise.shard_dtype", self.shard_dtype, ("bfloat16", "float16", "float32"))
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 0:
             raise ValueError(f"blockwise.tokens={self.tokens!r} must be a non-negative integer")

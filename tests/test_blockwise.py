@@ -203,6 +203,16 @@ def test_precompute_detects_and_repairs_exactly_the_bad_shard(assets, tmp_path):
     assert _shards(root) == before
 
 
+def test_precompute_in_waves_writes_the_same_shards(assets, tmp_path):
+    """Holding at most 16 chunks in memory (several passes over the layers) changes nothing on disk."""
+    one = blockwise.precompute(load_config(str(recipe(assets, tmp_path / "one", block_size=2))))
+    waves = blockwise.precompute(load_config(str(recipe(assets, tmp_path / "waves", block_size=2,
+                                                        max_inflight_chunks=16))))
+    assert waves.inflight_bytes <= 16 * 32 * 64 * 4 < one.inflight_bytes
+    assert _shards(waves.hidden_dir).keys() == _shards(one.hidden_dir).keys()
+    assert [v[0] for v in _shards(waves.hidden_dir).values()] == [v[0] for v in _shards(one.hidden_dir).values()]
+
+
 def test_precompute_refuses_without_disk_space(assets, tmp_path, monkeypatch):
     import shutil
 

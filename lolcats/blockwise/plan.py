@@ -55,10 +55,14 @@ def plan(cfg: LolcatsConfig, tokens: int | None = None, model_config: str | None
         rows.append({"block": b, "layers": [r.start, r.stop - 1], "base_params": base, "base_bytes": base * base_bytes,
                      "trainable_params": train})
     need = disk_bytes(tokens, hf_config.hidden_size, len(blocks), itemsize)
+    chunk_cap = cfg.blockwise.max_inflight_chunks * cfg.data.seq_len
+    inflight_tokens = min(tokens, chunk_cap) if chunk_cap else tokens
     return {"model": cfg.model.name_or_path, "config": str(source), "num_layers": len(layers),
             "hidden_size": hf_config.hidden_size, "block_size": cfg.blockwise.block_size, "blocks": rows,
             "tokens": tokens, "shard_dtype": cfg.blockwise.shard_dtype, "disk_bytes": need,
-            "processes": len(blocks)}
+            "processes": len(blocks), "layer_bytes": rows[0]["base_bytes"] // len(blocks[0]),
+            "inflight_bytes": inflight_tokens * hf_config.hidden_size * base_bytes,
+            "waves": -(-tokens // inflight_tokens)}
 
 
 def _trainable_prefixes() -> tuple[str, ...]:
@@ -79,6 +83,9 @@ def format_plan(p: dict[str, Any]) -> str:
                      f"{fmt_bytes(r['base_bytes'])} | {r['trainable_params']:,} |")
     lines += ["", f"hidden states on disk: {itemsize} bytes × {p['tokens']:,} tokens × {p['hidden_size']} hidden × "
               f"{len(p['blocks'])} block starts = {fmt_bytes(p['disk_bytes'])} ({p['shard_dtype']}, decimal units)",
+              f"precompute memory: one layer's weights ({fmt_bytes(p['layer_bytes'])}) plus the hidden states in "
+              f"flight ({fmt_bytes(p['inflight_bytes'])}; {p['waves']} pass(es) over the layers, "
+              "set blockwise.max_inflight_chunks to bound it)",
               f"train step: up to {p['processes']} processes/GPUs, one block each "
               f"(torchrun --nproc_per_node N -m lolcats.cli blockwise train RECIPE)"]
     return "\n".join(lines)

@@ -4,7 +4,7 @@ the hidden states entering every block (see :mod:`lolcats.blockwise.shards` for 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lolcats.blockwise.common import Progress, block_ranges, hidden_dir, load_data, streaming_model
-from lolcats.blockwise.shards import ShardStore
+from lolcats.blockwise.shards import Group, ShardStore
 from lolcats.blockwise.streaming import StreamingModel, layer_output
 from lolcats.checkpoint import DTYPES
 from lolcats.config import LolcatsConfig
@@ -42,7 +42,6 @@ def precompute(cfg: LolcatsConfig, progress: Progress | None = None) -> Precompu
     sm, path = streaming_model(cfg)
     train, heldout = load_data(cfg, path)
     blocks = block_ranges(len(sm.layers), cfg.blockwise.block_size)
-    starts = {r.start: b for b, r in enumerate(blocks)}
     store = ShardStore(hidden_dir(cfg), _store_key(cfg, sm, len(train), len(heldout)),
                        DTYPES[cfg.blockwise.shard_dtype])
     groups = [g for split, chunks in (("train", train), ("heldout", heldout))
@@ -53,11 +52,47 @@ def precompute(cfg: LolcatsConfig, progress: Progress | None = None) -> Precompu
         return PrecomputeResult(store.root, [], verified, store.problems, 0, 0, time.perf_counter() - start)
     store.check_free_space(sum(g.shard_bytes(sm.config.hidden_size, store.dtype.itemsize) * len(g.bad) for g in todo))
     _, kwargs = sm.layer_inputs(seq_len=cfg.data.seq_len)
+    waves = _waves(todo, cfg.blockwise.max_inflight_chunks)
+    spans = [(min(g.begin for g in w), max(max(g.bad) for g in w)) for w in waves]
+    bar = progress("precompute", sum(blocks[b].start - blocks[a].start for a, b in spans)) if progress else None
+    stats = _Stats()
+    for wave in waves:
+        _run_wave(sm, store, blocks, wave, kwargs, stats, bar)
+    if bar:
+        bar.end()
+    return PrecomputeResult(store.root, stats.written, verified, store.problems, stats.peak, stats.inflight,
+                            time.perf_counter() - start)
+
+
+@dataclass
+class _Stats:
+    written: list[str] = field(default_factory=list)
+    peak: int = 0  # largest materialised module, bytes
+    inflight: int = 0  # most hidden-state bytes held at once
+    tokens: int = 0
+    layers: int = 0
+
+
+def _waves(groups: list[Group], limit: int) -> list[list[Group]]:
+    """Split groups into waves of at most ``limit`` chunks (whole groups; 0 = one wave)."""
+    if limit <= 0:
+        return [groups]
+    waves: list[list[Group]] = [[]]
+    for g in groups:
+        if waves[-1] and sum(len(x.chunks) for x in waves[-1]) + len(g.chunks) > limit:
+            waves.append([])
+        waves[-1].append(g)
+    return waves
+
+
+def _run_wave(sm: StreamingModel, store: ShardStore, blocks: list[range], todo: list[Group],
+              kwargs: list[dict[str, Any]], stats: _Stats, bar: Any) -> None:
+    """One pass over the layers for ``todo``: each group starts from its last verified shard (or the
+    embeddings), advances layer by layer, and writes its bad shards as it reaches them."""
+    starts = {r.start: b for b, r in enumerate(blocks)}
     embed = sm.model.get_input_embeddings()
     first = min(g.begin for g in todo)
     last = max(max(g.bad) for g in todo)
-    bar = progress("precompute", blocks[last].start - blocks[first].start) if progress else None
-    written, peak, inflight, tokens = [], 0, 0, 0
     for i in range(blocks[first].start, blocks[last].start + 1):
         if i in starts:
             b = starts[i]
@@ -65,7 +100,7 @@ def precompute(cfg: LolcatsConfig, progress: Progress | None = None) -> Precompu
                 if g.begin == b:
                     if b in g.bad:  # only block 0 can be a group's first block and bad: embed the tokens
                         sm.materialize(embed)
-                        peak = max(peak, _param_bytes(embed))
+                        stats.peak = max(stats.peak, _param_bytes(embed))
                         g.state = torch.cat([sm.layer_inputs(input_ids=g.input_ids[c:c + 1])[0].cpu()
                                              for c in range(len(g.input_ids))])
                         sm.release(embed)
@@ -75,28 +110,26 @@ def precompute(cfg: LolcatsConfig, progress: Progress | None = None) -> Precompu
                     continue
                 g.state = g.state.to(store.dtype).to(sm.dtype)  # what is stored is what flows on
                 if b in g.bad:
-                    written.append(store.write(g, b, g.state, layer=i))
+                    stats.written.append(store.write(g, b, g.state, layer=i))
                 if b == max(g.bad):
                     g.state = None
-            inflight = max(inflight, sum(g.state.numel() * g.state.element_size() for g in todo
-                                         if g.state is not None))
+            stats.inflight = max(stats.inflight, sum(g.state.numel() * g.state.element_size() for g in todo
+                                                     if g.state is not None))
             if i == blocks[last].start:
                 break
         active = [g for g in todo if g.state is not None]
         if not active:
             continue
         layer = sm.materialize(sm.layers[i])
-        peak = max(peak, _param_bytes(layer))
+        stats.peak = max(stats.peak, _param_bytes(layer))
         for g in active:  # states stay in host memory; one chunk at a time visits the device
             for c in range(g.state.shape[0]):
                 g.state[c:c + 1] = layer_output(layer(g.state[c:c + 1].to(sm.device), **kwargs[i])).to(g.state.device)
-            tokens += g.state.shape[0] * g.state.shape[1]
+            stats.tokens += g.state.shape[0] * g.state.shape[1]
         sm.release(layer)
+        stats.layers += 1
         if bar:
-            bar.update(i - blocks[first].start + 1, tokens, {"layer": i})
-    if bar:
-        bar.end()
-    return PrecomputeResult(store.root, written, verified, store.problems, peak, inflight, time.perf_counter() - start)
+            bar.update(stats.layers, stats.tokens, {"layer": i})
 
 
 def _store_key(cfg: LolcatsConfig, sm: StreamingModel, n_train: int, n_heldout: int) -> dict[str, Any]:
