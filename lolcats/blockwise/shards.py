@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from lolcats.assets import sha256 as file_sha256
 from lolcats.blockwise.common import fmt_bytes
 from lolcats.data import Chunks
 
@@ -36,14 +37,6 @@ FORMAT = 1
 
 class ShardError(RuntimeError):
     """Stored hidden states are missing, corrupt or from another run; the message names the fix."""
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tensor_sha256(t: Tensor) -> str:

@@ -68,7 +68,7 @@ class BlockTransfer:
 
     def loss(self, hidden: Tensor, _labels: object) -> tuple[Tensor, dict[str, float]]:
         per_layer = torch.stack(self._forward(hidden))
-        # each layer weighted 1/L of the whole model, exactly as in joint stage 1 (see module docstring)
+        # each layer weighted 1/L of the whole model, exactly as in joint stage 1 (see lolcats.blockwise)
         return self.scale * (per_layer.sum() / self.total), {"attention_mse": per_layer.mean().item()}
 
     @torch.no_grad()
