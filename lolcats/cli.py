@@ -9,6 +9,8 @@ import warnings
 
 from tqdm import tqdm
 
+from lolcats import distributed
+
 logger = logging.getLogger("lolcats")
 
 
@@ -46,9 +48,10 @@ def _linearize(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.recipe, args.overrides)
     result = linearize(cfg, overwrite=args.overwrite, progress=TqdmProgress())
-    if result.table:
-        print(result.table)
-    print(f"results in {result.out_dir} (report: {result.report})")
+    if distributed.is_main():  # under torchrun / accelerate launch, rank 0 speaks
+        if result.table:
+            print(result.table)
+        print(f"results in {result.out_dir} (report: {result.report})")
     return 0
 
 
@@ -92,9 +95,10 @@ def _blockwise(args: argparse.Namespace) -> int:
             print(f"block weights and metrics in {Path(cfg.out_dir) / 'blockwise'}")
     else:
         result = blockwise.stitch(cfg, progress=TqdmProgress())
-        if result.table:
-            print(result.table)
-        print(f"results in {result.out_dir} (report: {result.report})")
+        if distributed.is_main():
+            if result.table:
+                print(result.table)
+            print(f"results in {result.out_dir} (report: {result.report})")
     return 0
 
 
@@ -348,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def run_stage1(model: nn.Module, train: Chunks, heldout: Chunks, cfg: DistillCon
             max_steps=cfg.max_steps, grad_accum=cfg.grad_accum, lr=cfg.lr, weight_decay=cfg.weight_decay,
             eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, max_grad_norm=cfg.max_grad_norm,
             scheduler=cfg.scheduler, plateau_patience=cfg.plateau_patience, plateau_factor=cfg.plateau_factor,
-            min_lr=cfg.min_lr)
+            min_lr=cfg.min_lr, data_parallel=True)
         return Trainer(spec, train, state_dir, seed, log, progress).run()
     finally:
         transfer.close()

@@ -71,7 +71,7 @@ def run_stage2(peft_model: nn.Module, train: Chunks, heldout: Chunks, cfg: LoraC
         name="stage2", params=lora_parameters(peft_model), loss_fn=loss_fn, eval_fn=eval_fn,
         max_steps=cfg.max_steps, grad_accum=cfg.grad_accum, lr=cfg.lr, weight_decay=cfg.weight_decay,
         eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, max_grad_norm=cfg.max_grad_norm,
-        scheduler="constant")
+        scheduler="constant", data_parallel=True)
     peft_model.train()
     try:
         return Trainer(spec, train, state_dir, seed, log, progress).run()

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from lolcats import distributed
 from lolcats.checkpoint import (
     ADAPTER_DIR,
     ATTENTION_FILE,
@@ -22,6 +23,7 @@ from lolcats.checkpoint import (
     fingerprint,
     load_attention,
     load_base,
+    pick_device,
     read_run_config,
     save_attention,
     versions,
@@ -136,15 +138,21 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | None = None) -> RunResult:
     """Run the whole LoLCATs recipe into ``cfg.out_dir``; rerunning resumes where it stopped."""
-    progress = progress or _NoProgress()
+    # under torchrun / `accelerate launch` every rank runs this function: the stages train data-parallel,
+    # rank 0 alone measures, reports and writes files
+    rank, _ = distributed.init_from_env(pick_device(cfg.model.device).type)
+    main = rank == 0
+    progress = (progress if main else None) or _NoProgress()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir).expanduser()
     state = out / "train_state"
     model, tokenizer, resolved = load_base(cfg.model)
     fp = fingerprint(model)
-    prepare_out_dir(out, cfg, fp, overwrite)
-    state.mkdir(exist_ok=True)
+    if main:
+        prepare_out_dir(out, cfg, fp, overwrite)
+        state.mkdir(exist_ok=True)
+    distributed.barrier()
     source = Path(resolved) / "SOURCE.json"
     source_note = json.loads(source.read_text())["note"] if source.exists() else ""
     record = {
@@ -153,9 +161,11 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
                        "class": type(model).__name__, "model_type": model.config.model_type, "note": source_note},
         "versions": versions(),
     }
-    write_run_config(out, record)
-    log = _Metrics(out / "metrics.jsonl")
+    if main:
+        write_run_config(out, record)
+    log = _Metrics(out / "metrics.jsonl") if main else (lambda record: None)
     cached = _Cached(state / "evals.json")
+    report = cfg.report.enabled and main
 
     d = cfg.data
     train, heldout = build_train_data(d.train, tokenizer, d.seq_len, d.heldout_chunks, before=d.train_filter,
@@ -164,7 +174,7 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
         cfg, distill=dataclasses.replace(cfg.distill, max_steps=cfg.steps(cfg.distill, len(train))),
         lora=dataclasses.replace(cfg.lora, max_steps=cfg.steps(cfg.lora, len(train))))
     evals: dict[str, dict[str, float]] = {}
-    if cfg.report.enabled:
+    if report:
         in_dom = (heldout if d.eval_in_domain == "heldout" else
                   build_eval_windows(d.eval_in_domain, tokenizer, d.seq_len, d.eval_windows,
                                      from_=d.eval_in_domain_filter))
@@ -181,7 +191,7 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
     convert_model(model, cfg.attention, seed=cfg.seed)  # per-layer seeded feature-map initialisation
     stages: dict[str, dict[str, Any]] = {}
     mse_before = mse_after = None
-    if cfg.report.enabled:
+    if report:
         measure("converted")
         mse_before = cached.get("mse_before", lambda: heldout_attention_mse(model, heldout))
 
@@ -195,11 +205,12 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
         progress.start("stage1", cfg.distill.max_steps)
         result = run_stage1(model, train, heldout, cfg.distill, state / "stage1", cfg.seed, log, progress.update)
         progress.end()
-        save_attention(model, out / ATTENTION_FILE)
         stages["stage1"] = {"trainable": trainable1, "steps": result.steps, "tokens": result.tokens,
                             "seconds": result.seconds, "best_step": result.best_step, "best_eval": result.best_eval}
-        atomic_write_text(done1, json.dumps(stages["stage1"]))
-    if cfg.report.enabled:
+        if main:
+            save_attention(model, out / ATTENTION_FILE)
+            atomic_write_text(done1, json.dumps(stages["stage1"]))
+    if report:
         measure("stage1")
         mse_after = cached.get("mse_after", lambda: heldout_attention_mse(model, heldout))
 
@@ -220,23 +231,24 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
             progress.start("stage2", cfg.lora.max_steps)
             result = run_stage2(final, train, heldout, cfg.lora, state / "stage2", cfg.seed, log, progress.update)
             progress.end()
-            tmp = out / f".{ADAPTER_DIR}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            final.save_pretrained(str(tmp))
-            shutil.rmtree(adapter, ignore_errors=True)
-            tmp.rename(adapter)
             stages["stage2"] = {"trainable": trainable2, "steps": result.steps, "tokens": result.tokens,
                                 "seconds": result.seconds, "best_step": result.best_step,
                                 "best_eval": result.best_eval}
-            atomic_write_text(done2, json.dumps(stages["stage2"]))
+            if main:
+                tmp = out / f".{ADAPTER_DIR}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                final.save_pretrained(str(tmp))
+                shutil.rmtree(adapter, ignore_errors=True)
+                tmp.rename(adapter)
+                atomic_write_text(done2, json.dumps(stages["stage2"]))
         final.eval()
-        if cfg.report.enabled:
+        if report:
             model = final
             measure("stage2")
 
     table = ""
     report_path = out / REPORT_FILE
-    if cfg.report.enabled:
+    if report:
         samples = [(p, generate_text(final, tokenizer, p, cfg.report.sample_tokens)) for p in cfg.report.samples]
         if mse_before:
             plot_mse(mse_before, mse_after, out / "attention_mse.png")
@@ -252,5 +264,7 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
             "evals": evals, "mse_before": mse_before, "mse_after": mse_after, "stages": stages, "samples": samples,
         })
     record.update(status="complete", stages=stages, evals=evals)
-    write_run_config(out, record)
+    if main:
+        write_run_config(out, record)
+    distributed.barrier()
     return RunResult(out, table, report_path, final)

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from lolcats import distributed
 from lolcats.data import Chunks, epoch_order
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class StageSpec:
         eval_fn: () -> held-out loss (float), run without gradients.
         max_steps, grad_accum, lr, weight_decay, eval_every, checkpoint_every, max_grad_norm: loop settings.
         scheduler: ``plateau`` (ReduceLROnPlateau on held-out loss) or ``constant``.
+        data_parallel: under torchrun / ``accelerate launch``, split each optimizer step's micro-batches
+            over the ranks and sum their gradients (the same global batch as one process); rank 0 writes.
     """
 
     name: str
@@ -89,6 +92,7 @@ class StageSpec:
     plateau_patience: int = 10
     plateau_factor: float = 0.1
     min_lr: float = 1e-5
+    data_parallel: bool = False
     extra_log: dict[str, float] = field(default_factory=dict)
 
 
@@ -118,6 +122,11 @@ class Trainer:
                 min_lr=spec.min_lr)
             if spec.scheduler == "plateau" else None
         )
+        self.dp = spec.data_parallel and distributed.active()
+        self.main = not self.dp or distributed.is_main()
+        if self.dp and spec.grad_accum % distributed.world()[1]:
+            raise ValueError(f"{spec.name}: grad_accum={spec.grad_accum} must be a multiple of the {distributed.world()[1]} "
+                             "data-parallel processes (each takes an equal share of every optimizer step)")
         self.step = 0
         self.best_eval = math.inf
         self.best_step = -1
@@ -139,7 +148,13 @@ class Trainer:
                 p.copy_(tensors[name])
 
     def save(self) -> None:
-        """Write a checkpoint at the current optimizer-step boundary (temp folder + rename)."""
+        """Write a checkpoint at the current optimizer-step boundary (temp folder + rename); rank 0 only."""
+        if self.main:
+            self._save()
+        if self.dp:
+            distributed.barrier()
+
+    def _save(self) -> None:
         final = self.dir / f"step-{self.step:08d}"
         tmp = self.dir / f".step-{self.step:08d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -184,34 +199,44 @@ class Trainer:
         return self.data[epoch_order(n, self.seed, epoch)[i]]
 
     def _evaluate(self) -> float:
-        loss = self.spec.eval_fn()
+        loss = self.spec.eval_fn()  # every rank evaluates (same weights, same result), rank 0 writes
         if loss < self.best_eval:
             self.best_eval, self.best_step = loss, self.step
-            atomic_save_safetensors(self._weights(), self.dir / "best.safetensors")
+            if self.main:
+                atomic_save_safetensors(self._weights(), self.dir / "best.safetensors")
+            if self.dp:
+                distributed.barrier()
         if self.scheduler:
             self.scheduler.step(loss)
         record = {"stage": self.spec.name, "step": self.step, "eval_loss": loss,
                   "lr": self.optimizer.param_groups[0]["lr"]}
         self.history.append(record)
-        self.log(record)
+        if self.main:
+            self.log(record)
         return loss
 
     def run(self) -> StageResult:
         spec = self.spec
         self.resume()
         params = list(spec.params.values())
+        rank, size = distributed.world() if self.dp else (0, 1)
+        if self.dp:
+            logger.info("%s: data-parallel over %d processes (rank %d takes micro-batches %d, %d+%d, …)",
+                        spec.name, size, rank, rank, rank, size)
         while self.step < spec.max_steps:
             start = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
-            total, extras = 0.0, {}
+            total, extras, tokens = 0.0, {}, 0
             for micro in range(spec.grad_accum):
+                if micro % size != rank:  # data parallel: this rank's share of the global batch
+                    continue
                 micro_step = self.step * spec.grad_accum + micro
                 _fault(spec.name, micro_step, "kill")
                 input_ids, labels = self._batch(micro_step)
                 loss, extra = spec.loss_fn(input_ids, labels)
                 if _nan_fault(spec.name, micro_step):
                     loss = loss * float("nan")
-                if not torch.isfinite(loss):
+                if not self.dp and not torch.isfinite(loss):
                     raise TrainingError(
                         f"{spec.name}: loss became {loss.item()} at optimizer step {self.step + 1} "
                         f"(micro-step {micro_step}); the last good checkpoint is step {self._last_saved()} in "
@@ -220,7 +245,14 @@ class Trainer:
                 total += loss.item() / spec.grad_accum
                 for k, v in extra.items():
                     extras[k] = extras.get(k, 0.0) + v / spec.grad_accum
-                self.tokens += input_ids.shape[0] * input_ids.shape[1]  # ids (B, T) or hidden states (B, T, D)
+                tokens += input_ids.shape[0] * input_ids.shape[1]  # ids (B, T) or hidden states (B, T, D)
+            if self.dp:
+                total, extras, tokens = self._reduce(params, total, extras, tokens)
+                if not math.isfinite(total):
+                    raise TrainingError(f"{spec.name}: loss became {total} at optimizer step {self.step + 1}; the "
+                                        f"last good checkpoint is step {self._last_saved()} in {self.dir}. Lower the "
+                                        "learning rate or check the data, then rerun to resume.")
+            self.tokens += tokens
             if spec.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
             self.optimizer.step()
@@ -228,8 +260,9 @@ class Trainer:
             self.seconds += time.perf_counter() - start
             record = {"stage": spec.name, "step": self.step, "loss": total,
                       "lr": self.optimizer.param_groups[0]["lr"], "tokens": self.tokens, **extras}
-            self.log(record)
-            if self.progress:
+            if self.main:
+                self.log(record)
+            if self.progress and self.main:
                 self.progress(self.step, self.tokens, record)
             if self.step % spec.eval_every == 0 or self.step == spec.max_steps:
                 self._evaluate()
@@ -242,6 +275,18 @@ class Trainer:
                         self.best_step, self.best_eval)
             self._load_weights(self.dir / "best.safetensors")
         return StageResult(self.step, self.tokens, self.seconds, self.best_step, self.best_eval, self.history)
+
+    def _reduce(self, params: list[nn.Parameter], total: float, extras: dict[str, float], tokens: int
+                ) -> tuple[float, dict[str, float], int]:
+        """Sum gradients, loss, logged extras and token counts over the ranks."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            distributed.all_reduce_sum(p.grad)
+        keys = sorted(extras)
+        stats = distributed.all_reduce_sum(torch.tensor([total, tokens, *(extras[k] for k in keys)],
+                                                        dtype=torch.float64))
+        return stats[0].item(), {k: stats[2 + i].item() for i, k in enumerate(keys)}, int(stats[1].item())
 
     def _last_saved(self) -> int:
         latest = self.dir / "LATEST"

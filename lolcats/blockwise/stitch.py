@@ -10,8 +10,9 @@ from typing import Any
 from safetensors.torch import load_file
 from torch import Tensor
 
+from lolcats import distributed
 from lolcats.blockwise.common import BlockwiseError, blockwise_dir, streaming_model
-from lolcats.checkpoint import ATTENTION_FILE, attention_state
+from lolcats.checkpoint import ATTENTION_FILE, attention_state, pick_device
 from lolcats.config import LolcatsConfig
 from lolcats.convert import convert_model
 from lolcats.training import atomic_save_safetensors, atomic_write_text
@@ -69,10 +70,11 @@ def stitch(cfg: LolcatsConfig, progress: Any = None):
     ``lolcats linearize`` does, which then sees stage 1 as done. Returns the pipeline's RunResult."""
     from lolcats.pipeline import linearize
 
+    distributed.init_from_env(pick_device(cfg.model.device).type)  # under torchrun, stage 2 is data-parallel
     merged, results = merge_blocks(cfg)
     out = Path(cfg.out_dir).expanduser()
     done = out / "train_state" / "stage1" / "DONE"
-    if not done.exists():
+    if not done.exists() and distributed.is_main():
         atomic_save_safetensors(merged, out / ATTENTION_FILE, metadata={"format": "lolcats-attention"})
         trained = [r for r in results if r["linearized"]]
         summary = {"trainable": sum(t.numel() for t in merged.values()), "blockwise": True,
@@ -82,4 +84,5 @@ def stitch(cfg: LolcatsConfig, progress: Any = None):
         done.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(done, json.dumps(summary))
         logger.info("stitched %d tensors from %d blocks into %s", len(merged), len(results), out / ATTENTION_FILE)
+    distributed.barrier()
     return linearize(cfg, progress=progress)

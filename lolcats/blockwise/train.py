@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lolcats import distributed
 from lolcats.blockwise.common import BlockwiseError, Progress, block_dir, block_ranges, hidden_dir, streaming_model
 from lolcats.blockwise.shards import HiddenShards
 from lolcats.blockwise.streaming import StreamingModel, layer_output
@@ -133,10 +133,6 @@ def train_block(cfg: LolcatsConfig, block: int, progress: Progress | None = None
     return result
 
 
-def _dist_info() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def train(cfg: LolcatsConfig, blocks: list[int] | None = None, progress: Progress | None = None
           ) -> list[dict[str, Any]] | None:
     """Train every block (or ``blocks``); under torchrun each rank takes blocks ``rank, rank + N, …``.
@@ -145,16 +141,7 @@ def train(cfg: LolcatsConfig, blocks: list[int] | None = None, progress: Progres
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rank, world = _dist_info()
-    dist = None
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            cuda = pick_device(cfg.model.device).type == "cuda"
-            if cuda:
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = distributed.init_from_env(pick_device(cfg.model.device).type)
     try:
         from transformers import AutoConfig
 
@@ -165,14 +152,12 @@ def train(cfg: LolcatsConfig, blocks: list[int] | None = None, progress: Progres
         logger.info("rank %d/%d trains blocks %s", rank, world, mine)
         for b in mine:
             train_block(cfg, b, progress)
-        if dist is not None:
-            dist.barrier()
+        distributed.barrier()
         if rank != 0:
             return None
         return [json.loads((block_dir(cfg, b) / "result.json").read_text()) for b in todo]
     finally:
-        if dist is not None and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.shutdown()
 
 
 def format_summary(results: list[dict[str, Any]]) -> str:
