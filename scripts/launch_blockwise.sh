@@ -8,7 +8,12 @@
 #                  (resumable: verified shards are kept, corrupt or partial ones rewritten)
 #   3. train       N processes under torchrun (gloo on CPU, nccl on GPUs); rank r trains blocks r, r+N, ...
 #                  (resumable per block)
-#   4. stitch      merge every block's weights into attention.safetensors, then stage 2 (LoRA) and the report
+#   4. stitch      merge every block's weights into attention.safetensors, then stage 2 (LoRA) and the report,
+#                  data-parallel over the N processes (each optimizer step's micro-batches are split over the
+#                  ranks and their gradients summed; lora.grad_accum must be a multiple of N)
+#
+# `accelerate launch --num_processes N -m lolcats.cli …` sets the same environment as torchrun and works too.
+# Every process holds a full replica of the model in stage 2 (plain data parallelism, no FSDP sharding yet).
 #
 # On several nodes run step 3 with torchrun's --nnodes/--node_rank/--rdzv_endpoint instead; every node must
 # see the hidden-state folder (blockwise.hidden_dir) and out_dir.
@@ -20,4 +25,4 @@ py=${LOLCATS_PYTHON:-python}
 "$py" -m lolcats.cli blockwise plan "$recipe" "$@"
 "$py" -m lolcats.cli blockwise precompute "$recipe" "$@"
 "$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m lolcats.cli blockwise train "$recipe" "$@"
-"$py" -m lolcats.cli blockwise stitch "$recipe" "$@"
+"$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m lolcats.cli blockwise stitch "$recipe" "$@"
