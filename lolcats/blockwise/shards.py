@@ -144,8 +144,10 @@ class ShardStore:
         return out
 
     def check_free_space(self, need: int) -> None:
+        """Say what will be written, and refuse when the disk cannot hold it."""
         self.root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.root).free
+        logger.info("hidden states to write: %s in %s (%s free)", fmt_bytes(need), self.root, fmt_bytes(free))
         if free < need:
             raise ShardError(f"precompute needs {fmt_bytes(need)} for hidden states in {self.root} but only "
                              f"{fmt_bytes(free)} is free; free space or set blockwise.hidden_dir to a larger disk")
