@@ -283,3 +283,17 @@ def test_stitch_merges_blocks_and_runs_stage2(assets, tmp_path):
     x = torch.randint(3, 40, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=x).logits, result.model(input_ids=x).logits, atol=0, rtol=0)
+
+
+def test_a_block_loads_only_its_own_layers(assets, tmp_path):
+    from lolcats.blockwise.common import streaming_model
+    from lolcats.blockwise.train import _block_model
+
+    cfg = load_config(str(recipe(assets, tmp_path / "out", block_size=2)))
+    sm, _ = streaming_model(cfg)
+    wrappers = _block_model(cfg, sm, range(2, 4))
+    assert sorted(wrappers) == [2, 3]
+    for i, layer in enumerate(sm.layers):
+        base = [p for n, p in layer.named_parameters() if "feature_map" not in n and "window_factor" not in n]
+        assert all(p.is_meta != (i in (2, 3)) for p in base), i
+    assert sm.model.get_input_embeddings().weight.is_meta and sm.model.lm_head.weight.is_meta
