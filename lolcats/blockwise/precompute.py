@@ -29,6 +29,18 @@ class PrecomputeResult:
     seconds: float
 
 
+def _release_freed_memory() -> None:
+    """glibc keeps freed heap for reuse; ``malloc_trim`` returns it to the OS (no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        libc = ctypes.CDLL(name)
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+
+
 def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters() if not p.is_meta)
 
@@ -41,6 +53,7 @@ def precompute(cfg: LolcatsConfig, progress: Progress | None = None) -> Precompu
         torch.set_num_threads(cfg.threads)
     sm, path = streaming_model(cfg)
     train, heldout = load_data(cfg, path)
+    _release_freed_memory()  # tokenising the corpus leaves freed heap behind; hand it back before the pass
     blocks = block_ranges(len(sm.layers), cfg.blockwise.block_size)
     store = ShardStore(hidden_dir(cfg), _store_key(cfg, sm, len(train), len(heldout)),
                        DTYPES[cfg.blockwise.shard_dtype])
@@ -101,14 +114,16 @@ def _run_wave(sm: StreamingModel, store: ShardStore, blocks: list[range], todo: 
                     if b in g.bad:  # only block 0 can be a group's first block and bad: embed the tokens
                         sm.materialize(embed)
                         stats.peak = max(stats.peak, _param_bytes(embed))
-                        g.state = torch.cat([sm.layer_inputs(input_ids=g.input_ids[c:c + 1])[0].cpu()
-                                             for c in range(len(g.input_ids))])
+                        g.state = torch.empty(*g.input_ids.shape, sm.config.hidden_size, dtype=sm.dtype)
+                        for c in range(len(g.input_ids)):
+                            g.state[c:c + 1] = sm.layer_inputs(input_ids=g.input_ids[c:c + 1])[0].cpu()
                         sm.release(embed)
                     else:
                         g.state = store.read(g, b).to(sm.dtype)
                 if g.state is None:
                     continue
-                g.state = g.state.to(store.dtype).to(sm.dtype)  # what is stored is what flows on
+                for c in range(len(g.state)):  # what is stored is what flows on (rounded chunk by chunk, in place)
+                    g.state[c] = g.state[c].to(store.dtype)
                 if b in g.bad:
                     stats.written.append(store.write(g, b, g.state, layer=i))
                 if b == max(g.bad):
