@@ -263,3 +263,53 @@ def test_bfloat16_base_keeps_trainable_weights_in_float32(tokenizer, tmp_path):
     torch.testing.assert_close(lp_fast, lp_slow, atol=0.05, rtol=0)  # bf16 rounding, not a different path
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         cast_base(model, "int8")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_shared_prefix_attention_equals_causal_attention(fused, kv_heads):
+    """Rows that continue one batch-1 prefix, attended with the prefix read in place (the fused kernel's
+    log-sum-exp or the plain matmul form), equal causal attention over prefix + row, GQA included."""
+    from types import SimpleNamespace
+
+    from transformers.cache_utils import DynamicCache
+
+    from lolcats.eval.shared_prefix import _prefix_attention_forward
+
+    torch.manual_seed(0)
+    b, h, p, t, d = 3, 4, 37, 11, 16
+    pk, pv = torch.randn(1, kv_heads, p, d), torch.randn(1, kv_heads, p, d)
+    q, k, v = torch.randn(b, h, t, d), torch.randn(b, kv_heads, t, d), torch.randn(b, kv_heads, t, d)
+    prefix = DynamicCache()
+    prefix.update(pk, pv, 0)
+    module = SimpleNamespace(layer_idx=0)
+    out, _ = _prefix_attention_forward(module, q, k, v, None, scaling=0.3, lolcats_prefix=prefix, lolcats_fused=fused)
+    keys = torch.cat([pk.expand(b, -1, -1, -1), k], 2).repeat_interleave(h // kv_heads, 1)
+    values = torch.cat([pv.expand(b, -1, -1, -1), v], 2).repeat_interleave(h // kv_heads, 1)
+    mask = torch.ones(t, p + t, dtype=torch.bool).tril(p)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.3)
+    assert out.shape == (b, t, h, d)
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_with_softmax_layers_kept(tmp_path, tokenizer):
+    """A linearized model with layers kept as softmax: those read the prefix in place, the others start
+    from the repeated state; equal to the uncached path. A sliding window shorter than the prompts
+    takes the copy path instead and is still exact."""
+    from lolcats.eval.shared_prefix import supports_shared_prefix
+
+    data = load_jsonl(write_jsonl(tmp_path / "m.jsonl"))
+    torch.manual_seed(0)
+    model = build_tiny("llama", vocab_size=len(tokenizer))
+    convert_model(model, AttentionConfig(variant="terraced", window_size=8, chunk_size=8, skip_layers=[0]))
+    fast = evaluate_mmlu(model, tokenizer, data, batch_size=4, cached=True)
+    slow = evaluate_mmlu(model, tokenizer, data, batch_size=1, cached=False)
+    assert _scores(fast)[1] == _scores(slow)[1]
+    torch.testing.assert_close(_scores(fast)[0], _scores(slow)[0], atol=1e-4, rtol=0)
+
+    mistral = build_tiny("mistral", vocab_size=len(tokenizer), sliding_window=24)
+    assert not supports_shared_prefix(mistral, 100) and supports_shared_prefix(mistral, 24)
+    fast = evaluate_mmlu(mistral, tokenizer, data, batch_size=4, cached=True)
+    slow = evaluate_mmlu(mistral, tokenizer, data, batch_size=1, cached=False)
+    torch.testing.assert_close(_scores(fast)[0], _scores(slow)[0], atol=1e-4, rtol=0)
+    assert mistral.config._attn_implementation == "sdpa"

@@ -17,7 +17,8 @@ from lolcats.ops import DecodeState
 
 
 class LolcatsCacheLayer(CacheLayerMixin):
-    """One linearized layer's decode state."""
+    """One linearized layer's decode state. A ``frozen`` layer is read, never advanced: several
+    continuations of one prefix are scored against the same state (few-shot evaluation)."""
 
     is_compileable = False
     is_croppable = False
@@ -27,6 +28,7 @@ class LolcatsCacheLayer(CacheLayerMixin):
     def __init__(self) -> None:
         super().__init__()
         self.state: DecodeState | None = None
+        self.frozen = False  # True: tokens attend to the state without being added to it
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.is_initialized = True

@@ -130,10 +130,12 @@ class LolcatsAttention(nn.Module):
             return y
         gamma = torch.sigmoid(self.window_factor)
         fq = self.feature_map_q(q)
-        if q.shape[2] > 1:  # several tokens on top of a state (a cached prefix): chunked, from the state
-            y, cache.state = extend_state(
+        if q.shape[2] > 1 or cache.frozen:  # several tokens on top of a state (a cached prefix): chunked
+            y, state = extend_state(
                 cache.state, q, k, v, fq, gamma, self.feature_k, variant=c.variant, window_size=c.window_size,
-                scale=self.scaling, valid=valid, chunk_size=c.chunk_size)
+                scale=self.scaling, valid=valid, chunk_size=c.chunk_size, update=not cache.frozen)
+            if not cache.frozen:
+                cache.state = state
             return y
         y, cache.state = decode_step(
             cache.state, q, k, v, fq, gamma, self.feature_k, variant=c.variant, window_size=c.window_size,

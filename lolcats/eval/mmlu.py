@@ -6,10 +6,11 @@ separated by blank lines, then the question ending in "Answer:". Prompts are tok
 the uncached path and lm-eval see them.
 
 Speed: the exemplars are the same for every question of a subject, so the tokens all its prompts share
-are run once; each batch of questions then starts from a copy of that cache (keys/values for softmax
-layers, the constant-size recurrent state for linearized ones) repeated over the batch. Questions of a
-batch are right-padded, which no real token can see (causal attention), and each row is read at its
-own last token. ``cached=False`` is the plain path: every prompt alone, from scratch.
+are run once. Each batch of questions then continues from them: linearized layers from a copy of their
+constant-size recurrent state repeated over the batch, softmax layers by reading the prefix's keys/values
+in place (:mod:`lolcats.eval.shared_prefix`: one matrix product per key/value head, nothing copied per
+row). Questions of a batch are right-padded, which no real token can see (causal attention), and each
+row is read at its own last token. ``cached=False`` is the plain path: every prompt alone, from scratch.
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from lolcats.attention.cache import LolcatsCacheLayer
 
 from lolcats.eval.mmlu_data import LETTERS, Item, MMLUData
+from lolcats.eval.shared_prefix import shared_prefix_attention, supports_shared_prefix
 
 HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 
@@ -74,14 +79,36 @@ def tokenize_subject(tokenizer, subject: str, exemplars: list[Item], items: list
 
 
 @torch.no_grad()
-def _last_logprobs(model: nn.Module, ids: Tensor, last: Tensor, letters: Tensor, cache: object | None) -> Tensor:
+def _last_logprobs(model: nn.Module, ids: Tensor, last: Tensor, letters: Tensor, cache: object | None,
+                   **extra: object) -> Tensor:
     """Log-probabilities of the letters after each row's token ``last[b]``: (B, 4)."""
     keep = torch.unique(last)
     kwargs = {"past_key_values": cache, "use_cache": True} if cache is not None else {"use_cache": False}
-    logits = model(input_ids=ids, logits_to_keep=keep, **kwargs).logits.float()  # (B, len(keep), V)
+    logits = model(input_ids=ids, logits_to_keep=keep, **kwargs, **extra).logits.float()  # (B, len(keep), V)
     rows = torch.searchsorted(keep, last)
     picked = logits[torch.arange(ids.shape[0], device=ids.device), rows]  # (B, V)
     return torch.log_softmax(picked, dim=-1)[:, letters]
+
+
+def _batch_cache(prefix: DynamicCache, rows: int) -> DynamicCache | None:
+    """The cache a batch of ``rows`` questions starts from: linearized layers get the prefix's state repeated
+    over the rows (it is small); softmax layers start empty, their prefix keys/values being read in place by
+    the shared-prefix attention. None when the model has no linearized layer."""
+    layers = []
+    for layer in prefix.layers:
+        if isinstance(layer, LolcatsCacheLayer):
+            new = LolcatsCacheLayer()
+            new.state = layer.state
+            new.batch_repeat_interleave(rows)  # new tensors: the prefix's state is left as it is
+            new.frozen = True  # the questions are read against it, never folded in
+            layers.append(new)
+        else:
+            layers.append(DynamicLayer())
+    if not any(isinstance(x, LolcatsCacheLayer) for x in layers):
+        return None
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
 
 
 @torch.no_grad()
@@ -105,6 +132,8 @@ def score_subject(model: nn.Module, prompts: SubjectPrompts, letters: list[int],
         prefix = DynamicCache()
         model(input_ids=torch.tensor([prompts.shared], device=device), past_key_values=prefix, use_cache=True,
               logits_to_keep=1)
+    p = len(prompts.shared)
+    shared = prefix is not None and supports_shared_prefix(model, p + max(len(r) for r in prompts.rests))
     order = sorted(range(n), key=lambda i: len(prompts.rests[i]))  # similar lengths batch together
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
@@ -113,12 +142,19 @@ def score_subject(model: nn.Module, prompts: SubjectPrompts, letters: list[int],
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long, device=device)
         for row, r in enumerate(rests):
             ids[row, : len(r)] = torch.tensor(r)
-        cache = DynamicCache()
-        if prefix is not None:
-            cache = copy.deepcopy(prefix)
-            cache.batch_repeat_interleave(len(idx))
         last = torch.tensor([len(r) - 1 for r in rests], device=device)
-        out[idx] = _last_logprobs(model, ids, last, letters_t, cache).cpu()
+        if shared:
+            cache = _batch_cache(prefix, len(idx))
+            positions = torch.arange(p, p + width, device=device).expand(len(idx), -1)
+            with shared_prefix_attention(model):
+                out[idx] = _last_logprobs(model, ids, last, letters_t, cache, position_ids=positions,
+                                          lolcats_prefix=prefix).cpu()
+        else:
+            cache = DynamicCache()
+            if prefix is not None:
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(idx))
+            out[idx] = _last_logprobs(model, ids, last, letters_t, cache).cpu()
         if progress:
             progress(len(idx))
     return out

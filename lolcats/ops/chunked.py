@@ -26,28 +26,32 @@ from lolcats.ops.reference import repeat_kv
 _MIN_EXP = -87.0  # e^-87 ≈ 1.6e-38, the smallest exponent whose power is still a normal float32
 
 
-def _near(x: Tensor, n_chunks: int, chunk: int, n_prev: int, groups: int = 1) -> Tensor:
-    """(B, Hkv, N * C, ...) -> (B, Hkv * groups, N, (n_prev + 1) * C, ...): each chunk after its n_prev
-    predecessors (zeros before the first chunk), heads repeated ``groups`` times, in one copy."""
+def _near(x: Tensor, n_chunks: int, chunk: int, n_prev: int, groups: int = 1, start: int = 0) -> Tensor:
+    """(B, Hkv, N * C, ...) -> (B, Hkv * groups, N - start, (n_prev + 1) * C, ...): each chunk from ``start``
+    on after its n_prev predecessors (zeros before the first chunk), heads repeated ``groups`` times, in
+    one copy."""
     b, hkv = x.shape[:2]
     rest = x.shape[3:]
     xc = x.reshape(b, hkv, 1, n_chunks, chunk, *rest).expand(b, hkv, groups, n_chunks, chunk, *rest)
-    out = x.new_empty(b, hkv, groups, n_chunks, n_prev + 1, chunk, *rest)
+    m = n_chunks - start
+    out = x.new_empty(b, hkv, groups, m, n_prev + 1, chunk, *rest)
     for i in range(n_prev + 1):
-        shift = min(n_prev - i, n_chunks)  # slot i holds chunk j - shift
-        out[:, :, :, :shift, i] = 0
-        out[:, :, :, shift:, i] = xc[:, :, :, : n_chunks - shift]
-    return out.view(b, hkv * groups, n_chunks, (n_prev + 1) * chunk, *rest)
+        shift = n_prev - i  # slot i of chunk j holds chunk j - shift
+        lo = min(max(shift - start, 0), m)  # output chunks before lo would read before chunk 0
+        out[:, :, :, :lo, i] = 0
+        out[:, :, :, lo:, i] = xc[:, :, :, start + lo - shift : n_chunks - shift]
+    return out.view(b, hkv * groups, m, (n_prev + 1) * chunk, *rest)
 
 
-def _exclusive_sum(x: Tensor, skip: int) -> Tensor:
-    """(B, H, N, ...) -> out[:, :, n] = Σ_{m <= n - skip} x[:, :, m] (zeros where the range is empty).
+def _exclusive_sum(x: Tensor, skip: int, start: int = 0) -> Tensor:
+    """(B, H, N, ...) -> out[:, :, n - start] = Σ_{m <= n - skip} x[:, :, m] for n >= start (zeros where the
+    range is empty).
 
     One matmul with a shifted lower-triangular matrix: faster than cumsum + pad on CPU, same sums.
     """
     b, h, n = x.shape[:3]
-    far = torch.ones(n, n, dtype=x.dtype, device=x.device).tril(-skip)
-    return (far @ x.reshape(b, h, n, -1)).view(x.shape)
+    far = torch.ones(n, n, dtype=x.dtype, device=x.device).tril(-skip)[start:]
+    return (far @ x.reshape(b, h, n, -1)).view(b, h, n - start, *x.shape[3:])
 
 
 def hybrid_attention_chunked(
@@ -65,6 +69,7 @@ def hybrid_attention_chunked(
     chunk_size: int = 64,
     first: Tensor | None = None,
     initial: tuple[Tensor, Tensor] | None = None,
+    queries_from: int = 0,
 ) -> Tensor:
     """Same inputs and output as :func:`lolcats.ops.reference.hybrid_attention_reference`, in O(T).
 
@@ -72,9 +77,13 @@ def hybrid_attention_chunked(
 
     Args:
         first: (B,) index of each row's first real token, when it is not the first True of ``valid``
-            (negative when the row started before this pass). Real positions count from it.
+            (negative when the row started before this pass). Real positions count from it. With
+            ``valid`` None and one value for every row, the masks are built once for all rows.
         initial: ``(S0, z0)``, (B, H, F, Dv) and (B, H, F): keys already folded into a state, in the
             linear part of every query of this pass.
+        queries_from: outputs are wanted for positions ``queries_from ..`` only (earlier positions are keys
+            replayed from a decode state): whole chunks before it are skipped, and the result is
+            (B, H, T - queries_from, Dv).
     """
     b, h, t, _ = q.shape
     dv = v.shape[-1]
@@ -82,9 +91,13 @@ def hybrid_attention_chunked(
     c = chunk_size
     n = math.ceil(t / c)
     back = lookback(variant, window_size)
+    shared_first = None
     if first is not None and valid is None:
-        valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
-    if variant == "terraced" and valid is None:
+        if bool((first == first[0]).all()):  # rows continue from the same position: masks shared
+            shared_first = first[:1]
+        else:
+            valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
+    if variant == "terraced" and valid is None and shared_first is None:
         # Blocks start at position 0 for every row, so a chunk starting at t0 sees window keys back to
         # the start of the block before t0's: at most w + (t0 mod w) <= 2w - gcd(C, w) tokens.
         back = 2 * window_size - math.gcd(c, window_size)
@@ -93,19 +106,23 @@ def hybrid_attention_chunked(
     device = q.device
     inplace = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, fq, fk, gamma)))
 
-    # Masks over (rows, N, C, K): one row when there is no padding, since positions are then shared.
+    # Masks over (rows, N, C, K): one row when positions and padding are the same for every row.
     if valid is None:
-        rows, first = 1, torch.zeros(1, dtype=torch.long, device=device)
+        rows = 1
+        first = shared_first if shared_first is not None else torch.zeros(1, dtype=torch.long, device=device)
         valid_p = torch.ones(1, n * c, dtype=torch.bool, device=device)
     else:
-        rows = b
         first = first_real_index(valid, b, device) if first is None else first
+        if b > 1 and bool((valid == valid[:1]).all()) and bool((first == first[:1]).all()):
+            valid, first = valid[:1], first[:1]  # the same for every row (copies of one state): built once
+        rows = valid.shape[0]
         valid_p = F.pad(valid, (0, pad), value=False)
     pos = torch.arange(n * c, device=device) - first[:, None]  # (rows, N*C)
-    valid_near = _near(valid_p[:, None], n, c, n_prev)[:, 0]  # (rows, N, K)
-    pos_near = _near(pos[:, None], n, c, n_prev)[:, 0]
-    win, lin = window_and_linear_masks(pos.view(rows, n, c), pos_near, variant, window_size)  # (rows, N, C, K)
-    win = (win & valid_near[:, :, None, :])[:, None]
+    s0 = min(queries_from // c, n)  # query chunks nobody wants: only chunks s0.. are computed
+    valid_near = _near(valid_p[:, None], n, c, n_prev, start=s0)[:, 0]  # (rows, N - s0, K)
+    pos_near = _near(pos[:, None], n, c, n_prev, start=s0)[:, 0]
+    win, lin = window_and_linear_masks(pos.view(rows, n, c)[:, s0:], pos_near, variant, window_size)
+    win = (win & valid_near[:, :, None, :])[:, None]  # (rows, 1, N - s0, C, K)
     lin = (lin & valid_near[:, :, None, :])[:, None]
     use_lin = bool(lin.any())
 
@@ -113,25 +130,28 @@ def hybrid_attention_chunked(
         return F.pad(x, (0, 0, 0, pad)) if pad else x
 
     q, k, v, fq, fk = padded(q * scale), padded(k), padded(v), padded(fq), padded(fk)
+    if s0:
+        q, fq = q[:, :, s0 * c :].contiguous(), fq[:, :, s0 * c :].contiguous()
     if valid is not None:
         fk = fk * valid_p[:, None, :, None].to(fk.dtype)  # padding never enters a state
 
     # Far keys: chunks <= n - n_prev - 1, summarised by an exclusive running sum of chunk states.
     fk_c = fk.view(b, h, n, c, -1)
     v_c = repeat_kv(v, groups).view(b, h, n, c, dv)
-    kv_far = _exclusive_sum(fk_c.transpose(-1, -2) @ v_c, n_prev + 1)  # (B, H, N, F, Dv)
-    z_far = _exclusive_sum(fk_c.sum(3), n_prev + 1)  # (B, H, N, F)
+    kv_far = _exclusive_sum(fk_c.transpose(-1, -2) @ v_c, n_prev + 1, s0)  # (B, H, N - s0, F, Dv)
+    z_far = _exclusive_sum(fk_c.sum(3), n_prev + 1, s0)  # (B, H, N - s0, F)
     if initial is not None:
         kv_far = kv_far + initial[0].to(kv_far.dtype)[:, :, None]
         z_far = z_far + initial[1].to(z_far.dtype)[:, :, None]
-    fq_c = fq.view(b, h, n, c, -1)
+    nq = n - s0  # query chunks computed
+    fq_c = fq.view(b, h, nq, c, -1)
     num = fq_c @ kv_far  # (B, H, N, C, Dv)
     den = fq_c @ z_far.unsqueeze(-1)  # (B, H, N, C, 1)
 
     # Near keys: the chunk and its n_prev predecessors, scored exactly (paper Eq. 7).
-    k_near = _near(k, n, c, n_prev, groups)  # (B, H, N, K, D)
-    v_near = _near(v, n, c, n_prev, groups)  # (B, H, N, K, Dv)
-    scores = q.view(b, h, n, c, -1) @ k_near.transpose(-1, -2)  # (B, H, N, C, K)
+    k_near = _near(k, n, c, n_prev, groups, s0)  # (B, H, N - s0, K, D)
+    v_near = _near(v, n, c, n_prev, groups, s0)  # (B, H, N - s0, K, Dv)
+    scores = q.view(b, h, nq, c, -1) @ k_near.transpose(-1, -2)  # (B, H, N - s0, C, K)
     scores = scores.masked_fill_(~win, -math.inf) if inplace else scores.masked_fill(~win, -math.inf)
     m = scores.amax(-1, keepdim=True)
     # γ e^{s - m} = e^{s - (m - ln γ)}; rows with no window key (padding) keep m = 0
@@ -142,9 +162,9 @@ def hybrid_attention_chunked(
     else:
         a = torch.exp((scores - shift).clamp(min=_MIN_EXP)).masked_fill(~win, 0.0)  # γ-weighted window terms
     if use_lin:
-        lin_weights = fq_c @ _near(fk, n, c, n_prev).transpose(-1, -2)
+        lin_weights = fq_c @ _near(fk, n, c, n_prev, start=s0).transpose(-1, -2)
         a = a.addcmul_(lin_weights, lin) if inplace else a + lin_weights * lin
     den = den.add_(a.sum(-1, keepdim=True)) if inplace else den + a.sum(-1, keepdim=True)
     num = num.add_(a @ v_near) if inplace else num + a @ v_near
     y = num / torch.where(den > 0, den, torch.ones_like(den))
-    return y.reshape(b, h, n * c, dv)[:, :, :t]
+    return y.reshape(b, h, nq * c, dv)[:, :, queries_from - s0 * c : t - s0 * c]

@@ -210,6 +210,7 @@ def extend_state(
     scale: float,
     valid: Tensor | None = None,
     chunk_size: int = 64,
+    update: bool = True,
 ) -> tuple[Tensor, DecodeState]:
     """Consume T tokens at once with the chunked form: the same result as T calls of :func:`decode_step`.
 
@@ -222,6 +223,7 @@ def extend_state(
         state: state after ``num_tokens`` tokens.
         q: (B, H, T, D); k: (B, Hkv, T, D); v: (B, Hkv, T, Dv); fq: (B, H, T, F).
         valid: (B, T) bool, False where a new token is padding.
+        update: False to attend only, returning ``state`` itself (scoring continuations of one prefix).
 
     Returns:
         ``(y, new_state)`` with y of shape (B, H, T, Dv).
@@ -236,16 +238,19 @@ def extend_state(
     start = state.num_tokens - slots
     first = torch.where(state.first_real == NOT_STARTED, slots + first_real_index(valid, b, device),
                         state.first_real - start)
+    joined_valid = torch.cat([state.window_valid, valid], dim=1)  # (B, L + T)
     dtype = q.dtype
     keys = torch.cat([state.window_k.to(dtype), k], dim=2)  # (B, Hkv, L + T, D)
     values = torch.cat([state.window_v.to(dtype), v], dim=2)
-    joined_valid = torch.cat([state.window_valid, valid], dim=1)  # (B, L + T)
     fk = feature_k(repeat_kv(keys, groups))  # (B, H, L + T, F)
     queries = torch.nn.functional.pad(q, (0, 0, slots, 0))
     fqs = torch.nn.functional.pad(fq, (0, 0, slots, 0))
     y = hybrid_attention_chunked(
         queries, keys, values, fqs, fk, gamma, variant=variant, window_size=window_size, scale=scale,
-        valid=joined_valid, chunk_size=chunk_size, first=first, initial=(state.kv, state.k_sum))
+        valid=joined_valid, chunk_size=chunk_size, first=first, initial=(state.kv, state.k_sum),
+        queries_from=slots)
+    if not update:
+        return y, state
     fresh = prefill_state(keys, values, fk, variant=variant, window_size=window_size, valid=joined_valid,
                           first=first)
     total = state.num_tokens + t
@@ -259,4 +264,4 @@ def extend_state(
         first_real=torch.where(started, first + start, torch.full_like(first, NOT_STARTED)),
         num_tokens=total,
     )
-    return y[:, :, slots:], new_state
+    return y, new_state
