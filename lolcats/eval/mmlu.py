@@ -26,7 +26,6 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from lolcats.attention.cache import LolcatsCacheLayer
-
 from lolcats.eval.mmlu_data import LETTERS, Item, MMLUData
 from lolcats.eval.shared_prefix import shared_prefix_attention, supports_shared_prefix
 
