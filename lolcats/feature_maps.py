@@ -63,9 +63,8 @@ class Hedgehog(FeatureMap):
         self.out_dim = 2 * feature_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight.to(x.dtype)
-        z = x @ torch.cat([w, -w], dim=-1)  # (B, H, T, 2F): [xW ‖ −xW] in one matmul
-        phi = z.unflatten(-1, (2, self.feature_dim)).softmax(-1).flatten(-2)  # each half its own softmax
+        z = x @ self.weight.to(x.dtype)  # (B, H, T, F)
+        phi = torch.stack([z, -z], dim=-2).softmax(-1).flatten(-2)  # [softmax(xW) ‖ softmax(−xW)]
         if torch.is_grad_enabled() and phi.requires_grad:
             return phi.clamp(min=EPS)
         return phi.clamp_(min=EPS)  # prefill and decoding: no copy

@@ -2,12 +2,13 @@
 
     .venv/bin/python scripts/bench_generate.py [--lengths 512 2048 7680] [--batches 1 8] [--new-tokens 256]
 
-Each (model, prompt length, batch) runs in a fresh subprocess so its memory figures are its own. The
-prompt is prefilled at batch 1 (timed ``--prefill-repeats`` times, median: prefill tokens/s) and the
-cache repeated to the batch size; then ``new-tokens`` greedy decode steps are timed one by one (decode tokens/s = batch ÷ median
-step time). Resident memory is read after glibc's malloc_trim, i.e. live memory. The linearized
-model is an *untrained* conversion (terraced, w = 64): timing does not
-depend on its weights. Prints a table, writes JSON and a PNG plot.
+Prefill is timed first, both models in one subprocess, alternating original / linearized at batch 1
+(``--prefill-repeats`` each, median: prefill tokens/s and the prefill speed-up). Then each (model,
+prompt length, batch) runs in a fresh subprocess so its memory figures are its own: the prompt is
+prefilled once at batch 1 and the cache repeated to the batch size; then ``new-tokens`` greedy decode
+steps are timed one by one (decode tokens/s = batch ÷ median step time). Resident memory is read
+after glibc's malloc_trim, i.e. live memory. The linearized model is an *untrained* conversion
+(terraced, w = 64): timing does not depend on its weights. Prints a table, writes JSON and a PNG plot.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ import time
 
 import psutil
 import torch
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
 def rss_mb() -> float:
@@ -91,6 +100,37 @@ def worker(kind: str, length: int, batch: int, new_tokens: int, model_ref: str, 
     }
 
 
+def prefill_worker(lengths: list[int], model_ref: str, threads: int, repeats: int) -> dict:
+    """Prefill seconds of both models in one process, alternating original / linearized at every repeat,
+    so machine noise hits both alike. Returns {length: {"original": [s, ...], "linearized": [s, ...]}}."""
+    import copy
+
+    from transformers import DynamicCache
+
+    from lolcats import AttentionConfig, convert_model
+    from lolcats.checkpoint import load_base
+    from lolcats.config import ModelConfig
+    from lolcats.data import build_eval_windows
+
+    torch.set_num_threads(threads)
+    original, tokenizer, _ = load_base(ModelConfig(name_or_path=model_ref, device="cpu"))
+    linearized = copy.deepcopy(original)
+    torch.manual_seed(0)
+    convert_model(linearized, AttentionConfig(variant="terraced", window_size=64))
+    out = {}
+    with torch.no_grad():
+        for length in lengths:
+            ids = build_eval_windows("lolcats:sotu", tokenizer, length, 1).input_ids
+            times = {"original": [], "linearized": []}
+            for _ in range(repeats):
+                for kind, model in (("original", original), ("linearized", linearized)):
+                    t = time.perf_counter()
+                    model(ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+                    times[kind].append(time.perf_counter() - t)
+            out[str(length)] = times
+    return out
+
+
 def plot(results: list[dict], path: str) -> None:
     import matplotlib
 
@@ -123,22 +163,34 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prefill-repeats", type=int, default=3, help="prefill timed this many times (median)")
+    ap.add_argument("--prefill-repeats", type=int, default=5, help="prefill timed this many times (median)")
     ap.add_argument("--out", default="bench_generate.json")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--prefill-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.prefill_worker:
+        print(json.dumps(prefill_worker(args.lengths, args.model, args.threads, args.prefill_repeats)))
+        return
     if args.worker:
         kind, length, batch = args.worker
         print(json.dumps(worker(kind, int(length), int(batch), args.new_tokens, args.model, args.threads,
                                 args.prefill_repeats)))
         return
 
+    cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads), "--prefill-repeats",
+           str(args.prefill_repeats), "--lengths", *map(str, args.lengths), "--prefill-worker"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+    if proc.returncode != 0:
+        sys.exit(f"prefill worker failed:\n{proc.stderr[-2000:]}")
+    prefill = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("prefill timed side by side: done", file=sys.stderr)
+
     results = []
     for length in args.lengths:
         for batch in args.batches:
             for kind in ("original", "linearized"):
                 cmd = [sys.executable, __file__, "--model", args.model, "--new-tokens", str(args.new_tokens),
-                       "--threads", str(args.threads), "--prefill-repeats", str(args.prefill_repeats),
+                       "--threads", str(args.threads), "--prefill-repeats", "1",
                        "--worker", kind, str(length), str(batch)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
                 if proc.returncode != 0:
@@ -155,8 +207,18 @@ def main() -> None:
               f"{r['decode_tokens_per_s']:.1f} | {r['cache_bytes_per_sequence'] / 2**20:.2f} | "
               f"{r['rss_after_decode_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
     print()
-    print("| prompt | batch | decode speed-up | prefill speed-up | cache memory ratio |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| prompt | original prefill tok/s | linearized prefill tok/s | prefill speed-up |")
+    print("|---:|---:|---:|---:|")
+    prefill_rows = []
+    for length in args.lengths:
+        o = length / statistics.median(prefill[str(length)]["original"])
+        lin = length / statistics.median(prefill[str(length)]["linearized"])
+        prefill_rows.append({"prompt_tokens": length, "original_tokens_per_s": o, "linearized_tokens_per_s": lin,
+                             "speedup": lin / o, "seconds": prefill[str(length)]})
+        print(f"| {length} | {o:.0f} | {lin:.0f} | {lin / o:.2f}× |")
+    print()
+    print("| prompt | batch | decode speed-up | cache memory ratio |")
+    print("|---:|---:|---:|---:|")
     ratios = []
     for length in args.lengths:
         for batch in args.batches:
@@ -164,16 +226,14 @@ def main() -> None:
             lin = next(r for r in results if r["model"] == "linearized" and r["prompt_tokens"] == length and r["batch"] == batch)
             row = {"prompt_tokens": length, "batch": batch,
                    "decode_speedup": lin["decode_tokens_per_s"] / o["decode_tokens_per_s"],
-                   "prefill_speedup": lin["prefill_tokens_per_s"] / o["prefill_tokens_per_s"],
                    "cache_ratio": o["cache_bytes_per_sequence"] / lin["cache_bytes_per_sequence"]}
             ratios.append(row)
-            print(f"| {length} | {batch} | {row['decode_speedup']:.2f}× | {row['prefill_speedup']:.2f}× | "
-                  f"{row['cache_ratio']:.1f}× |")
+            print(f"| {length} | {batch} | {row['decode_speedup']:.2f}× | {row['cache_ratio']:.1f}× |")
     meta = {"model": args.model, "linearized": "untrained conversion (terraced, w=64) — timing only",
-            "machine": f"{platform.machine()}, {args.threads} threads", "torch": torch.__version__,
+            "machine": f"{platform.machine()}, {args.threads} threads, {cpu_name()}", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d")}
     with open(args.out, "w") as f:
-        json.dump({"meta": meta, "results": results, "ratios": ratios}, f, indent=2)
+        json.dump({"meta": meta, "prefill": prefill_rows, "results": results, "ratios": ratios}, f, indent=2)
     png = os.path.splitext(args.out)[0] + ".png"
     plot(results, png)
     print(f"wrote {args.out} and {png}")

@@ -106,13 +106,14 @@ class LolcatsAttention(nn.Module):
         y = y.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
         return self.o_proj(y), None
 
-    def _parallel(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Chunked O(T) form; returns the output and φ_k of the keys (a prefill reuses it)."""
+    def _parallel(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
+                  totals: list | None = None) -> tuple[Tensor, Tensor]:
+        """Chunked O(T) form; returns the output and φ_k of the keys (a prefill reuses it, and ``totals``)."""
         c = self.attn_config
         fq, fk = self.features(q, k)
         y = hybrid_attention_chunked(
             q, k, v, fq, fk, torch.sigmoid(self.window_factor), variant=c.variant,
-            window_size=c.window_size, scale=self.scaling, valid=valid, chunk_size=c.chunk_size)
+            window_size=c.window_size, scale=self.scaling, valid=valid, chunk_size=c.chunk_size, totals=totals)
         return y, fk
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
@@ -125,8 +126,10 @@ class LolcatsAttention(nn.Module):
         state, several at once in chunked form or one by one."""
         c = self.attn_config
         if cache.state is None:
-            y, fk = self._parallel(q, k, v, valid)
-            cache.state = prefill_state(k, v, fk, variant=c.variant, window_size=c.window_size, valid=valid)
+            totals = []
+            y, fk = self._parallel(q, k, v, valid, totals)
+            cache.state = prefill_state(k, v, fk, variant=c.variant, window_size=c.window_size, valid=valid,
+                                        totals=totals)
             return y
         gamma = torch.sigmoid(self.window_factor)
         fq = self.feature_map_q(q)

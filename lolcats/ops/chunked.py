@@ -70,6 +70,7 @@ def hybrid_attention_chunked(
     first: Tensor | None = None,
     initial: tuple[Tensor, Tensor] | None = None,
     queries_from: int = 0,
+    totals: list | None = None,
 ) -> Tensor:
     """Same inputs and output as :func:`lolcats.ops.reference.hybrid_attention_reference`, in O(T).
 
@@ -84,6 +85,8 @@ def hybrid_attention_chunked(
         queries_from: outputs are wanted for positions ``queries_from ..`` only (earlier positions are keys
             replayed from a decode state): whole chunks before it are skipped, and the result is
             (B, H, T - queries_from, Dv).
+        totals: a list to receive ``(Σ φ_k(k) vᵀ, Σ φ_k(k))`` over every real key of the pass, (B, H, F, Dv)
+            and (B, H, F), which a prefill turns into its state without a second pass over the keys.
     """
     b, h, t, _ = q.shape
     dv = v.shape[-1]
@@ -138,8 +141,12 @@ def hybrid_attention_chunked(
     # Far keys: chunks <= n - n_prev - 1, summarised by an exclusive running sum of chunk states.
     fk_c = fk.view(b, h, n, c, -1)
     v_c = repeat_kv(v, groups).view(b, h, n, c, dv)
-    kv_far = _exclusive_sum(fk_c.transpose(-1, -2) @ v_c, n_prev + 1, s0)  # (B, H, N - s0, F, Dv)
-    z_far = _exclusive_sum(fk_c.sum(3), n_prev + 1, s0)  # (B, H, N - s0, F)
+    kv_chunks = fk_c.transpose(-1, -2) @ v_c  # (B, H, N, F, Dv)
+    z_chunks = fk_c.sum(3)  # (B, H, N, F)
+    if totals is not None:
+        totals.extend([kv_chunks.sum(2), z_chunks.sum(2)])
+    kv_far = _exclusive_sum(kv_chunks, n_prev + 1, s0)  # (B, H, N - s0, F, Dv)
+    z_far = _exclusive_sum(z_chunks, n_prev + 1, s0)  # (B, H, N - s0, F)
     if initial is not None:
         kv_far = kv_far + initial[0].to(kv_far.dtype)[:, :, None]
         z_far = z_far + initial[1].to(z_far.dtype)[:, :, None]

@@ -81,7 +81,7 @@ def _fold(state: DecodeState, k: Tensor, v: Tensor, fold: Tensor, feature_k: Fea
 
 def prefill_state(
     k: Tensor, v: Tensor, fk: Tensor, *, variant: str, window_size: int, valid: Tensor | None = None,
-    first: Tensor | None = None,
+    first: Tensor | None = None, totals: list | None = None,
 ) -> DecodeState:
     """State after a parallel pass over a whole prompt (from an empty state).
 
@@ -92,6 +92,8 @@ def prefill_state(
         valid: (B, T) bool, False for padding; None means all real.
         first: (B,) index of each row's first real token if not the first True of ``valid`` (see
             :func:`lolcats.ops.hybrid_attention_chunked`).
+        totals: ``(Σ φ_k(k) vᵀ, Σ φ_k(k))`` over every real key, as the chunked pass returns them: the state
+            is then those minus the keys still in the window (at most the last L), not a new pass over T.
     """
     b, hkv, t, _ = k.shape
     heads = fk.shape[1]
@@ -106,8 +108,15 @@ def prefill_state(
     win = win[:, 0] & valid
     fold = valid & ~win
     sdt = state_dtype(k.dtype)
-    fk_f = (fk * fold[:, None, :, None].to(fk.dtype)).to(sdt)
-    v_rep = repeat_kv(v, heads // hkv).to(sdt)
+    if totals is not None:  # the window holds only the last L keys: subtract them from the totals
+        t0 = max(t - slots, 0)
+        fk_w = (fk[:, :, t0:] * win[:, None, t0:, None].to(fk.dtype)).to(sdt)
+        kv = totals[0].to(sdt) - fk_w.transpose(-1, -2) @ repeat_kv(v[:, :, t0:], heads // hkv).to(sdt)
+        k_sum = totals[1].to(sdt) - fk_w.sum(2)
+    else:
+        fk_f = (fk * fold[:, None, :, None].to(fk.dtype)).to(sdt)
+        v_rep = repeat_kv(v, heads // hkv).to(sdt)
+        kv, k_sum = fk_f.transpose(-1, -2) @ v_rep, fk_f.sum(2)
     lead = max(slots - t, 0)
 
     def last_slots(x: Tensor) -> Tensor:  # (B, Hkv, T, ·) -> (B, Hkv, L, ·)
@@ -115,8 +124,8 @@ def prefill_state(
         return torch.nn.functional.pad(x, (0, 0, lead, 0))
 
     return DecodeState(
-        kv=fk_f.transpose(-1, -2) @ v_rep,
-        k_sum=fk_f.sum(2),
+        kv=kv,
+        k_sum=k_sum,
         window_k=last_slots(k),
         window_v=last_slots(v),
         window_valid=torch.nn.functional.pad(win[:, max(t - slots, 0) :], (lead, 0), value=False),
