@@ -27,6 +27,15 @@ from lolcats.config import ModelConfig
 from lolcats.eval.mmlu import evaluate_mmlu
 from lolcats.eval.mmlu_data import load_mmlu
 
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 SUBSET = ("abstract_algebra", "college_biology", "high_school_us_history", "marketing")
 
 
@@ -108,7 +117,8 @@ def main() -> None:
     report = json.loads(out_path.read_text()) if out_path.exists() else {}
     report["meta"] = {"model": args.model, "linearized": lin_desc, "data": data.source,
                       "exemplar_rule": data.exemplar_rule, "batch_size": args.batch_size, "dtype": args.dtype,
-                      "machine": f"{platform.machine()}, {args.threads} threads", "torch": torch.__version__,
+                      "machine": f"{platform.machine()}, {args.threads} threads, {cpu_name()}",
+                      "torch": torch.__version__,
                       "date": time.strftime("%Y-%m-%d")}
     for name, model in (("original", original), ("linearized", linearized)):
         if args.only and name != args.only:
