@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,14 @@ def write_report(path: Path, info: dict[str, Any]) -> str:
             parts += [f"**{prompt}**{text}", ""]
     atomic_write_text(path, "\n".join(parts))
     return table
+
+
+def machine(threads: int) -> str:
+    """'x86_64, 2 threads, <CPU model name>': where a benchmark's figures were measured."""
+    name = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{platform.machine()}, {threads} threads, {name}"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,13 +24,7 @@ import time
 import psutil
 import torch
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+from lolcats.report import machine
 
 
 def rss_mb() -> float:
@@ -230,7 +223,7 @@ def main() -> None:
             ratios.append(row)
             print(f"| {length} | {batch} | {row['decode_speedup']:.2f}× | {row['cache_ratio']:.1f}× |")
     meta = {"model": args.model, "linearized": "untrained conversion (terraced, w=64) — timing only",
-            "machine": f"{platform.machine()}, {args.threads} threads, {cpu_name()}", "torch": torch.__version__,
+            "machine": machine(args.threads), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d")}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "prefill": prefill_rows, "results": results, "ratios": ratios}, f, indent=2)

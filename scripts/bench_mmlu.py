@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,15 +25,7 @@ from lolcats.checkpoint import cast_base, load_base, load_model_any
 from lolcats.config import ModelConfig
 from lolcats.eval.mmlu import evaluate_mmlu
 from lolcats.eval.mmlu_data import load_mmlu
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
+from lolcats.report import machine
 
 SUBSET = ("abstract_algebra", "college_biology", "high_school_us_history", "marketing")
 
@@ -117,7 +108,7 @@ def main() -> None:
     report = json.loads(out_path.read_text()) if out_path.exists() else {}
     report["meta"] = {"model": args.model, "linearized": lin_desc, "data": data.source,
                       "exemplar_rule": data.exemplar_rule, "batch_size": args.batch_size, "dtype": args.dtype,
-                      "machine": f"{platform.machine()}, {args.threads} threads, {cpu_name()}",
+                      "machine": machine(args.threads),
                       "torch": torch.__version__,
                       "date": time.strftime("%Y-%m-%d")}
     for name, model in (("original", original), ("linearized", linearized)):
