@@ -78,8 +78,7 @@ def hybrid_attention_chunked(
 
     Args:
         first: (B,) index of each row's first real token, when it is not the first True of ``valid``
-            (negative when the row started before this pass). Real positions count from it. With
-            ``valid`` None and one value for every row, the masks are built once for all rows.
+            (negative when the row started before this pass). Real positions count from it.
         initial: ``(S0, z0)``, (B, H, F, Dv) and (B, H, F): keys already folded into a state, in the
             linear part of every query of this pass.
         queries_from: outputs are wanted for positions ``queries_from ..`` only (earlier positions are keys
@@ -94,13 +93,9 @@ def hybrid_attention_chunked(
     c = chunk_size
     n = math.ceil(t / c)
     back = lookback(variant, window_size)
-    shared_first = None
     if first is not None and valid is None:
-        if bool((first == first[0]).all()):  # rows continue from the same position: masks shared
-            shared_first = first[:1]
-        else:
-            valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
-    if variant == "terraced" and valid is None and shared_first is None:
+        valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
+    if variant == "terraced" and valid is None:
         # Blocks start at position 0 for every row, so a chunk starting at t0 sees window keys back to
         # the start of the block before t0's: at most w + (t0 mod w) <= 2w - gcd(C, w) tokens.
         back = 2 * window_size - math.gcd(c, window_size)
@@ -111,8 +106,7 @@ def hybrid_attention_chunked(
 
     # Masks over (rows, N, C, K): one row when positions and padding are the same for every row.
     if valid is None:
-        rows = 1
-        first = shared_first if shared_first is not None else torch.zeros(1, dtype=torch.long, device=device)
+        rows, first = 1, torch.zeros(1, dtype=torch.long, device=device)
         valid_p = torch.ones(1, n * c, dtype=torch.bool, device=device)
     else:
         first = first_real_index(valid, b, device) if first is None else first
