@@ -8,7 +8,7 @@ the uncached path and lm-eval see them.
 Speed: the exemplars are the same for every question of a subject, so the tokens all its prompts share
 are run once. Each batch of questions then continues from them: linearized layers from a copy of their
 constant-size recurrent state repeated over the batch, softmax layers by reading the prefix's keys/values
-in place (:mod:`lolcats.eval.shared_prefix`: one matrix product per key/value head, nothing copied per
+in place (:mod:`lolcats.eval.shared_prefix`: one attention call per batch, nothing copied per
 row). Questions of a batch are right-padded, which no real token can see (causal attention), and each
 row is read at its own last token. ``cached=False`` is the plain path: every prompt alone, from scratch.
 """
