@@ -4,8 +4,7 @@ Scoring many prompts that share a start (MMLU's few-shot exemplars) the usual wa
 keys/values once per row of every batch, then again for every query head (GQA), and runs one attention
 kernel per row over them. Here the start's keys/values stay at batch 1: every query of the batch is
 scored against them in one attention call (the batch folded into the query length), against its
-own row's tokens causally,
-and both parts share one softmax normaliser. The result is ordinary causal attention over
+own row's tokens causally, and both parts share one softmax normaliser. The result is ordinary causal attention over
 ``prefix + row`` — tested against the plain path.
 
 It is a transformers attention function (``AttentionInterface``), switched on only inside
