@@ -68,8 +68,8 @@ def _scores(result):
 @pytest.mark.parametrize("kind", ["softmax", "sliding_window", "terraced", "linear"])
 @pytest.mark.parametrize("shots", [5, 0])
 def test_cached_batched_equals_uncached(tmp_path, tokenizer, kind, shots):
-    """The subject prefix run once and copied per batch (KV cache or recurrent state), questions batched
-    with right padding, gives the same predictions and log-probabilities (within 1e-4) as every prompt
+    """The subject prefix run once and read by every batch (KV cache in place, recurrent state shared),
+    questions batched with right padding, gives the same predictions and log-probabilities (within 1e-4) as every prompt
     run alone from scratch. Windows of 8 tokens make the ~150-token prompts cross many windows."""
     data = load_jsonl(write_jsonl(tmp_path / "m.jsonl"))
     torch.manual_seed(0)
@@ -85,6 +85,27 @@ def test_cached_batched_equals_uncached(tmp_path, tokenizer, kind, shots):
     assert fast["items"] == 18 and fast["tokens_run"] < slow["tokens_run"]
     # the scores are real log-probabilities that differ between letters
     assert (lp_fast < 0).all() and lp_fast.std(-1).min() > 0
+
+
+def test_chunked_fallback_and_head_without_output_embeddings(tmp_path, tokenizer, monkeypatch):
+    """Questions too long for the dense read of a frozen state take the chunked form, and a model without
+    an output-embedding module keeps its logits by position: both still equal the uncached path."""
+    import lolcats.attention.hybrid as hybrid
+
+    data = load_jsonl(write_jsonl(tmp_path / "m.jsonl"))
+    torch.manual_seed(0)
+    model = build_tiny("llama", vocab_size=len(tokenizer))
+    convert_model(model, AttentionConfig(variant="terraced", window_size=8, chunk_size=8))
+    slow = evaluate_mmlu(model, tokenizer, data, batch_size=1, cached=False)
+    calls = []
+    dense = hybrid.attend_on_state
+    monkeypatch.setattr(hybrid, "attend_on_state", lambda *a, **k: calls.append(1) or dense(*a, **k))
+    monkeypatch.setattr(hybrid, "DENSE_MAX_TOKENS", 0)
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: None)
+    fast = evaluate_mmlu(model, tokenizer, data, batch_size=4, cached=True)
+    assert not calls  # every batch went through extend_state
+    assert _scores(fast)[1] == _scores(slow)[1]
+    torch.testing.assert_close(_scores(fast)[0], _scores(slow)[0], atol=1e-4, rtol=0)
 
 
 def test_shared_prefix_is_a_token_prefix_of_every_prompt(tmp_path, tokenizer):
@@ -293,8 +314,8 @@ def test_shared_prefix_attention_equals_causal_attention(fused, kv_heads):
 
 
 def test_shared_prefix_with_softmax_layers_kept(tmp_path, tokenizer):
-    """A linearized model with layers kept as softmax: those read the prefix in place, the others start
-    from the repeated state; equal to the uncached path. A sliding window shorter than the prompts
+    """A linearized model with layers kept as softmax: those read the prefix in place, the others read
+    the shared state; equal to the uncached path. A sliding window shorter than the prompts
     takes the copy path instead and is still exact."""
     from lolcats.eval.shared_prefix import supports_shared_prefix
 

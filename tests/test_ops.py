@@ -8,6 +8,7 @@ import torch
 from lolcats.feature_maps import build_feature_map
 from lolcats.ops import (
     VARIANTS,
+    attend_on_state,
     decode_step,
     empty_state,
     extend_state,
@@ -197,3 +198,45 @@ def test_extend_state_matches_parallel_and_decode(variant, pad, pieces):
     for got, want in zip(state.tensors(), stepped.tensors(), strict=True):
         assert got.shape == want.shape and got.dtype == want.dtype
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("prefix,t", [(1, 5), (40, 1), (70, 30), (129, 64), (200, 150)])
+def test_attend_on_state_matches_parallel(variant, prefix, t):
+    """Continuations read against a frozen state — the state's own rows (row 1 left-padded) and one
+    shared batch-1 state read by every row — equal the parallel pass over prefix + continuation
+    (w = 64, fp32, atol 1e-5); the state is left as it was; gradients equal extend_state's."""
+    q, k, v, fmap_q, fmap_k, gamma, valid = make_inputs(prefix + t, seed=5, pad=min(prefix - 1, 9))
+    kw = {"variant": variant, "window_size": 64, "scale": D**-0.5}
+    pre, new = slice(0, prefix), slice(prefix, prefix + t)
+    with torch.no_grad():
+        parallel = run(hybrid_attention_chunked, q, k, v, fmap_q, fmap_k, gamma, valid, variant, window=64)
+        fk = fmap_k(repeat_kv(k[:, :, pre], H // HKV))
+        state = prefill_state(k[:, :, pre], v[:, :, pre], fk, variant=variant, window_size=64, valid=valid[:, pre])
+        before = [x.clone() for x in state.tensors()]
+        y = attend_on_state(state, q[:, :, new], k[:, :, new], v[:, :, new], fmap_q(q[:, :, new]), gamma, fmap_k,
+                            **kw)
+        torch.testing.assert_close(y, parallel[:, :, new], atol=1e-5, rtol=1e-5)
+        for got, want in zip(state.tensors(), before, strict=True):
+            assert torch.equal(got, want)
+        # One prefix (row 0's), three different continuations: each as if run alone after it.
+        shared = prefill_state(k[:1, :, pre], v[:1, :, pre], fk[:1], variant=variant, window_size=64)
+        rows = [torch.cat([x[:1, :, pre], x[r : r + 1, :, new]], dim=2) for x in (q, k, v) for r in (0, 1, 0)]
+        qs, ks, vs = (torch.cat(rows[i : i + 3]) for i in (0, 3, 6))
+        qs[2, :, prefix:] *= 0.5  # a third continuation unlike the first
+        want = hybrid_attention_chunked(qs, ks, vs, fmap_q(qs), fmap_k(repeat_kv(ks, H // HKV)), gamma, **kw)
+        got = attend_on_state(shared, qs[:, :, new], ks[:, :, new], vs[:, :, new], fmap_q(qs[:, :, new]), gamma,
+                              fmap_k, **kw)
+        torch.testing.assert_close(got, want[:, :, new], atol=1e-5, rtol=1e-5)
+    # Gradients (q, k, v, γ and both feature maps) equal the chunked extend_state's.
+    grads = []
+    for dense in (True, False):
+        leaves = [x[:, :, new].clone().requires_grad_() for x in (q, k, v)] + [gamma.clone().requires_grad_()]
+        for p in (*fmap_q.parameters(), *fmap_k.parameters()):
+            p.grad = None
+        args = (state, *leaves[:3], fmap_q(leaves[0]), leaves[3], fmap_k)
+        out = attend_on_state(*args, **kw) if dense else extend_state(*args, **kw, update=False)[0]
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([x.grad for x in leaves] + [p.grad for p in (*fmap_q.parameters(), *fmap_k.parameters())])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

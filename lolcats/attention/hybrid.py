@@ -9,7 +9,7 @@ from lolcats.attention.cache import LolcatsCacheLayer, layer_state
 from lolcats.config import AttentionConfig
 from lolcats.feature_maps import build_feature_map
 from lolcats.models import Family, rotary_function
-from lolcats.ops import decode_step, extend_state, hybrid_attention_chunked, prefill_state, repeat_kv
+from lolcats.ops import attend_on_state, decode_step, extend_state, hybrid_attention_chunked, prefill_state, repeat_kv
 
 
 def token_validity(attention_mask: Tensor | None, q_len: int) -> Tensor | None:
@@ -28,6 +28,11 @@ def token_validity(attention_mask: Tensor | None, q_len: int) -> Tensor | None:
     if diag.dtype != torch.bool:
         diag = diag == 0
     return diag
+
+
+# A frozen state is read by at most this many new tokens per row in one dense pass (O(T²) per row);
+# longer continuations take the chunked form.
+DENSE_MAX_TOKENS = 512
 
 
 class LolcatsAttention(nn.Module):
@@ -133,12 +138,15 @@ class LolcatsAttention(nn.Module):
             return y
         gamma = torch.sigmoid(self.window_factor)
         fq = self.feature_map_q(q)
-        if q.shape[2] > 1 or cache.frozen:  # several tokens on top of a state (a cached prefix): chunked
-            y, state = extend_state(
-                cache.state, q, k, v, fq, gamma, self.feature_k, variant=c.variant, window_size=c.window_size,
-                scale=self.scaling, valid=valid, chunk_size=c.chunk_size, update=not cache.frozen)
-            if not cache.frozen:
-                cache.state = state
+        kw = {"variant": c.variant, "window_size": c.window_size, "scale": self.scaling}
+        if cache.frozen:  # read only: the state (maybe one prefix shared by every row) is never advanced
+            if valid is None and q.shape[2] <= DENSE_MAX_TOKENS and cache.state.started():
+                return attend_on_state(cache.state, q, k, v, fq, gamma, self.feature_k, **kw).to(q.dtype)
+            return extend_state(cache.state.broadcast(q.shape[0]), q, k, v, fq, gamma, self.feature_k, **kw,
+                                valid=valid, chunk_size=c.chunk_size, update=False)[0]
+        if q.shape[2] > 1:  # several tokens on top of a state (a cached prefix): chunked
+            y, cache.state = extend_state(cache.state, q, k, v, fq, gamma, self.feature_k, **kw, valid=valid,
+                                          chunk_size=c.chunk_size)
             return y
         y, cache.state = decode_step(
             cache.state, q, k, v, fq, gamma, self.feature_k, variant=c.variant, window_size=c.window_size,

@@ -6,18 +6,20 @@ separated by blank lines, then the question ending in "Answer:". Prompts are tok
 the uncached path and lm-eval see them.
 
 Speed: the exemplars are the same for every question of a subject, so the tokens all its prompts share
-are run once. Each batch of questions then continues from them: linearized layers from a copy of their
-constant-size recurrent state repeated over the batch, softmax layers by reading the prefix's keys/values
-in place (:mod:`lolcats.eval.shared_prefix`: one attention call per batch, nothing copied per
-row). Questions of a batch are right-padded, which no real token can see (causal attention), and each
-row is read at its own last token. ``cached=False`` is the plain path: every prompt alone, from scratch.
+are run once. Each batch of questions then reads them without copying: linearized layers their
+constant-size recurrent state (batch 1, frozen, scored against in one dense pass:
+:func:`lolcats.ops.attend_on_state`), softmax layers the prefix's keys/values in place
+(:mod:`lolcats.eval.shared_prefix`: one attention call per batch). Questions of a batch are right-padded,
+which no real token can see (causal attention), and the output head reads each row at its own last token
+only. ``cached=False`` is the plain path: every prompt alone, from scratch.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -77,28 +79,50 @@ def tokenize_subject(tokenizer, subject: str, exemplars: list[Item], items: list
     return SubjectPrompts(head[:n], [f[n:] for f in full])
 
 
+@contextmanager
+def _head_reads(model: nn.Module, last: Tensor) -> Iterator[bool]:
+    """While inside, the output head sees only each row's hidden state at ``last[b]`` (a pre-hook on
+    ``get_output_embeddings()``), so a batch costs B rows of logits, not B × T. Yields False for a model
+    without an output-embedding module (the caller then keeps the positions itself)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Module):
+        yield False
+        return
+    rows = torch.arange(last.shape[0], device=last.device)
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][rows, last][:, None], *args[1:]))
+    try:
+        yield True
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def _last_logprobs(model: nn.Module, ids: Tensor, last: Tensor, letters: Tensor, cache: object | None,
                    **extra: object) -> Tensor:
     """Log-probabilities of the letters after each row's token ``last[b]``: (B, 4)."""
-    keep = torch.unique(last)
     kwargs = {"past_key_values": cache, "use_cache": True} if cache is not None else {"use_cache": False}
-    logits = model(input_ids=ids, logits_to_keep=keep, **kwargs, **extra).logits.float()  # (B, len(keep), V)
-    rows = torch.searchsorted(keep, last)
-    picked = logits[torch.arange(ids.shape[0], device=ids.device), rows]  # (B, V)
+    with _head_reads(model, last) as picked:
+        if picked:
+            logits = model(input_ids=ids, logits_to_keep=0, **kwargs, **extra).logits  # (B, 1, V)
+            if logits.shape[:2] != (ids.shape[0], 1):
+                raise RuntimeError(f"expected one logit row per sequence, got {tuple(logits.shape)}")
+            picked = logits[:, 0].float()
+        else:
+            keep = torch.unique(last)
+            logits = model(input_ids=ids, logits_to_keep=keep, **kwargs, **extra).logits.float()
+            picked = logits[torch.arange(ids.shape[0], device=ids.device), torch.searchsorted(keep, last)]
     return torch.log_softmax(picked, dim=-1)[:, letters]
 
 
-def _batch_cache(prefix: DynamicCache, rows: int) -> DynamicCache | None:
-    """The cache a batch of ``rows`` questions starts from: linearized layers get the prefix's state repeated
-    over the rows (it is small); softmax layers start empty, their prefix keys/values being read in place by
-    the shared-prefix attention. None when the model has no linearized layer."""
+def _batch_cache(prefix: DynamicCache) -> DynamicCache | None:
+    """The cache a batch of questions starts from: linearized layers read the prefix's state (batch 1, shared
+    by every row, frozen: never advanced); softmax layers start empty, their prefix keys/values being read in
+    place by the shared-prefix attention. None when the model has no linearized layer."""
     layers = []
     for layer in prefix.layers:
         if isinstance(layer, LolcatsCacheLayer):
             new = LolcatsCacheLayer()
-            new.state = layer.state
-            new.batch_repeat_interleave(rows)  # new tensors: the prefix's state is left as it is
+            new.state = layer.state  # batch 1, shared by every row: read, never copied
             new.frozen = True  # the questions are read against it, never folded in
             layers.append(new)
         else:
@@ -111,7 +135,7 @@ def _batch_cache(prefix: DynamicCache, rows: int) -> DynamicCache | None:
 
 
 @torch.no_grad()
-def score_subject(model: nn.Module, prompts: SubjectPrompts, letters: list[int], *, batch_size: int = 8,
+def score_subject(model: nn.Module, prompts: SubjectPrompts, letters: list[int], *, batch_size: int = 4,
                   cached: bool = True, pad_id: int = 0,
                   progress: Callable[[int], None] | None = None) -> Tensor:
     """(n, 4) letter log-probabilities for one subject's questions."""
@@ -143,7 +167,7 @@ def score_subject(model: nn.Module, prompts: SubjectPrompts, letters: list[int],
             ids[row, : len(r)] = torch.tensor(r)
         last = torch.tensor([len(r) - 1 for r in rests], device=device)
         if shared:
-            cache = _batch_cache(prefix, len(idx))
+            cache = _batch_cache(prefix)
             positions = torch.arange(p, p + width, device=device).expand(len(idx), -1)
             with shared_prefix_attention(model):
                 out[idx] = _last_logprobs(model, ids, last, letters_t, cache, position_ids=positions,
@@ -159,7 +183,7 @@ def score_subject(model: nn.Module, prompts: SubjectPrompts, letters: list[int],
     return out
 
 
-def evaluate_mmlu(model: nn.Module, tokenizer, data: MMLUData, *, shots: int = 5, batch_size: int = 8,
+def evaluate_mmlu(model: nn.Module, tokenizer, data: MMLUData, *, shots: int = 5, batch_size: int = 4,
                   cached: bool = True, progress: Callable[[int], None] | None = None) -> dict:
     """Score every item of ``data``; returns the result record (see :func:`summary_table`).
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from lolcats.ops.masks import first_real_index, lookback, window_and_linear_masks
 from lolcats.ops.reference import repeat_kv
 
-_MIN_EXP = -87.0  # e^-87 ≈ 1.6e-38, the smallest exponent whose power is still a normal float32
+MIN_EXP = -87.0  # e^-87 ≈ 1.6e-38, the smallest exponent whose power is still a normal float32
 
 
 def _near(x: Tensor, n_chunks: int, chunk: int, n_prev: int, groups: int = 1, start: int = 0) -> Tensor:
@@ -159,9 +159,9 @@ def hybrid_attention_chunked(
     shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m)) - torch.log(gamma.to(q.dtype)).view(1, h, 1, 1, 1)
     # Terms below e^-87 would be subnormal floats, which CPUs multiply ~100x slower: drop them to 0.
     if inplace:
-        a = scores.sub_(shift).clamp_(min=_MIN_EXP).exp_().masked_fill_(~win, 0.0)
+        a = scores.sub_(shift).clamp_(min=MIN_EXP).exp_().masked_fill_(~win, 0.0)
     else:
-        a = torch.exp((scores - shift).clamp(min=_MIN_EXP)).masked_fill(~win, 0.0)  # γ-weighted window terms
+        a = torch.exp((scores - shift).clamp(min=MIN_EXP)).masked_fill(~win, 0.0)  # γ-weighted window terms
     if use_lin:
         lin_weights = fq_c @ _near(fk, n, c, n_prev, start=s0).transpose(-1, -2)
         a = a.addcmul_(lin_weights, lin) if inplace else a + lin_weights * lin

@@ -8,13 +8,14 @@ Slot s of the window holds the token with index ``num_tokens - L + s``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from lolcats.ops.chunked import hybrid_attention_chunked
+from lolcats.ops.chunked import MIN_EXP, hybrid_attention_chunked
 from lolcats.ops.masks import first_real_index, window_and_linear_masks, window_slots
 from lolcats.ops.reference import combine, repeat_kv
 
@@ -46,6 +47,19 @@ class DecodeState:
 
     def tensors(self) -> list[Tensor]:
         return [self.kv, self.k_sum, self.window_k, self.window_v, self.window_valid, self.first_real]
+
+    def started(self) -> bool:
+        """Every row has seen a real token."""
+        return bool((self.first_real != NOT_STARTED).all())
+
+    def broadcast(self, batch: int) -> DecodeState:
+        """A batch-1 state seen as ``batch`` copies of itself, without copying (read-only use)."""
+        if self.kv.shape[0] == batch:
+            return self
+        if self.kv.shape[0] != 1:
+            raise ValueError(f"a state of batch {self.kv.shape[0]} cannot be broadcast to {batch} rows")
+        return replace(self, **{f: getattr(self, f).expand(batch, *getattr(self, f).shape[1:]) for f in
+                                ("kv", "k_sum", "window_k", "window_v", "window_valid", "first_real")})
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -274,3 +288,77 @@ def extend_state(
         num_tokens=total,
     )
     return y, new_state
+
+
+def _by_kv_head(x: Tensor, y: Tensor) -> Tensor:
+    """``x @ yᵀ`` with x (B, H, T, E) per query head and y (Bs, Hkv, K, E) per key/value head, Bs 1 or B:
+    query head h reads y's head h // (H / Hkv); a batch-1 y serves every row. Returns (B, H, T, K)."""
+    b, h, t, e = x.shape
+    hkv, n = y.shape[1], y.shape[2]
+    return (x.reshape(b, hkv, (h // hkv) * t, e) @ y.transpose(-1, -2)).view(b, h, t, n)
+
+
+def attend_on_state(
+    state: DecodeState,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fq: Tensor,
+    gamma: Tensor,
+    feature_k: FeatureFn,
+    *,
+    variant: str,
+    window_size: int,
+    scale: float,
+) -> Tensor:
+    """Outputs of T new tokens per row on top of ``state``, which stays as it is: the same as
+    ``extend_state(..., update=False)`` for rows without padding, in one dense pass of O(T · (L + T)) per
+    row — made for scoring many short continuations of one prefix (few-shot evaluation).
+
+    ``state`` may hold one sequence (batch 1) shared by all B rows: its window and S, z are then read
+    for the whole batch, never copied per row.
+
+    Args:
+        state: state after ``num_tokens`` tokens, batch 1 or B, every row past its first real token.
+        q: (B, H, T, D); k: (B, Hkv, T, D); v: (B, Hkv, T, Dv); fq: (B, H, T, F). No padding.
+
+    Returns:
+        (B, H, T, Dv) in the state's dtype.
+    """
+    b, h, t, _ = q.shape
+    groups = h // k.shape[1]
+    sdt = state.kv.dtype
+    device = q.device
+    if not state.started():
+        raise ValueError("attend_on_state needs a state that has seen a real token; use extend_state")
+    # Keys: the L window slots (w_*), then the T new tokens (o_*). Real positions count from each row's
+    # first real token; masks are (Bs, 1, T, ·), the same for every head.
+    n0, slots = state.num_tokens, state.window_k.shape[2]
+    q_pos = torch.arange(n0, n0 + t, device=device) - state.first_real[:, None]
+    k_pos = torch.arange(n0 - slots, n0 + t, device=device) - state.first_real[:, None]
+    win, lin = window_and_linear_masks(q_pos, k_pos, variant, window_size)
+    k_real = torch.nn.functional.pad(state.window_valid, (0, t), value=True)[:, None, :]
+    win, lin = (win & k_real)[:, None], (lin & k_real)[:, None]
+    win_f, lin_f = win.to(sdt), lin.to(sdt)
+    bias = torch.zeros_like(win_f).masked_fill_(~win, -math.inf)  # -inf outside the window
+
+    q, k, v, fq = (q * scale).to(sdt), k.to(sdt), v.to(sdt), fq.to(sdt)
+    wk, wv = state.window_k.to(sdt), state.window_v.to(sdt)
+    s_w = _by_kv_head(q, wk).add_(bias[..., :slots])  # (B, H, T, L)
+    s_o = _by_kv_head(q, k).add_(bias[..., slots:])  # (B, H, T, T)
+    m = torch.maximum(s_w.amax(-1, keepdim=True), s_o.amax(-1, keepdim=True)) if slots else s_o.amax(-1, keepdim=True)
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m)) - torch.log(gamma.to(sdt)).view(1, h, 1, 1)
+    l_w = fq @ feature_k(repeat_kv(wk, groups)).to(sdt).transpose(-1, -2)  # φ_q·φ_k: (B, H, T, L)
+    l_o = fq @ feature_k(repeat_kv(k, groups)).to(sdt).transpose(-1, -2)  # (B, H, T, T)
+
+    def weights(s: Tensor, lw: Tensor, sl: slice) -> Tensor:
+        """γ e^{s - m} inside the window (terms below e^-87 dropped: subnormal floats are slow on CPUs), plus
+        φ_q·φ_k where the key is in the linear part."""
+        if torch.is_grad_enabled():
+            return torch.exp((s - shift).clamp(min=MIN_EXP)) * win_f[..., sl] + lw * lin_f[..., sl]
+        return s.sub_(shift).clamp_(min=MIN_EXP).exp_().mul_(win_f[..., sl]).addcmul_(lw, lin_f[..., sl])
+
+    a_w, a_o = weights(s_w, l_w, slice(0, slots)), weights(s_o, l_o, slice(slots, None))
+    num = fq @ state.kv + _by_kv_head(a_w, wv.transpose(-1, -2)) + _by_kv_head(a_o, v.transpose(-1, -2))
+    den = fq @ state.k_sum.unsqueeze(-1) + a_w.sum(-1, keepdim=True) + a_o.sum(-1, keepdim=True)
+    return num / torch.where(den > 0, den, torch.ones_like(den))
