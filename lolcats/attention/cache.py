@@ -7,8 +7,6 @@ keys/values. :class:`LolcatsCacheLayer` is a ``CacheLayerMixin``, so it lives in
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
@@ -56,11 +54,8 @@ class LolcatsCacheLayer(CacheLayerMixin):
 
     def _map_batch(self, fn) -> None:
         """Apply ``fn`` to every per-sequence tensor of the state (batch is dim 0 of each)."""
-        if self.state is None:
-            return
-        s = self.state
-        self.state = replace(s, kv=fn(s.kv), k_sum=fn(s.k_sum), window_k=fn(s.window_k), window_v=fn(s.window_v),
-                             window_valid=fn(s.window_valid), first_real=fn(s.first_real))
+        if self.state is not None:
+            self.state = self.state.map_batch(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

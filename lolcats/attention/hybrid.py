@@ -148,7 +148,6 @@ class LolcatsAttention(nn.Module):
             y, cache.state = extend_state(cache.state, q, k, v, fq, gamma, self.feature_k, **kw, valid=valid,
                                           chunk_size=c.chunk_size)
             return y
-        y, cache.state = decode_step(
-            cache.state, q, k, v, fq, gamma, self.feature_k, variant=c.variant, window_size=c.window_size,
-            scale=self.scaling, valid=None if valid is None else valid[:, 0])
+        y, cache.state = decode_step(cache.state, q, k, v, fq, gamma, self.feature_k, **kw,
+                                     valid=None if valid is None else valid[:, 0])
         return y

@@ -52,14 +52,18 @@ class DecodeState:
         """Every row has seen a real token."""
         return bool((self.first_real != NOT_STARTED).all())
 
+    def map_batch(self, fn: Callable[[Tensor], Tensor]) -> DecodeState:
+        """A state with ``fn`` applied to every per-sequence tensor (batch is dim 0 of each)."""
+        return replace(self, kv=fn(self.kv), k_sum=fn(self.k_sum), window_k=fn(self.window_k),
+                       window_v=fn(self.window_v), window_valid=fn(self.window_valid), first_real=fn(self.first_real))
+
     def broadcast(self, batch: int) -> DecodeState:
         """A batch-1 state seen as ``batch`` copies of itself, without copying (read-only use)."""
         if self.kv.shape[0] == batch:
             return self
         if self.kv.shape[0] != 1:
             raise ValueError(f"a state of batch {self.kv.shape[0]} cannot be broadcast to {batch} rows")
-        return replace(self, **{f: getattr(self, f).expand(batch, *getattr(self, f).shape[1:]) for f in
-                                ("kv", "k_sum", "window_k", "window_v", "window_valid", "first_real")})
+        return self.map_batch(lambda x: x.expand(batch, *x.shape[1:]))
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
