@@ -302,6 +302,18 @@ def _by_kv_head(x: Tensor, y: Tensor) -> Tensor:
     return (x.reshape(b, hkv, (h // hkv) * t, e) @ y.transpose(-1, -2)).view(b, h, t, n)
 
 
+def _bounding_box(mask: Tensor) -> tuple[int, int, int] | None:
+    """(first row, first column, end column) of the smallest rectangle holding every True of ``mask``
+    (…, R, C) over all leading dims (rows run to the end); None when it has none."""
+    if mask.numel() == 0:
+        return None
+    hit = mask.reshape(-1, *mask.shape[-2:]).any(0)
+    rows, cols = hit.any(-1).nonzero(), hit.any(-2).nonzero()
+    if rows.numel() == 0:
+        return None
+    return int(rows[0]), int(cols[0]), int(cols[-1]) + 1
+
+
 def attend_on_state(
     state: DecodeState,
     q: Tensor,
@@ -352,17 +364,25 @@ def attend_on_state(
     s_o = _by_kv_head(q, k).add_(bias[..., slots:])  # (B, H, T, T)
     m = torch.maximum(s_w.amax(-1, keepdim=True), s_o.amax(-1, keepdim=True)) if slots else s_o.amax(-1, keepdim=True)
     shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m)) - torch.log(gamma.to(sdt)).view(1, h, 1, 1)
-    l_w = fq @ feature_k(repeat_kv(wk, groups)).to(sdt).transpose(-1, -2)  # φ_q·φ_k: (B, H, T, L)
-    l_o = fq @ feature_k(repeat_kv(k, groups)).to(sdt).transpose(-1, -2)  # (B, H, T, T)
 
-    def weights(s: Tensor, lw: Tensor, sl: slice) -> Tensor:
+    def weights(s: Tensor, keys: Tensor, sl: slice) -> Tensor:
         """γ e^{s - m} inside the window (terms below e^-87 dropped: subnormal floats are slow on CPUs), plus
-        φ_q·φ_k where the key is in the linear part."""
+        φ_q·φ_k where the key is in the linear part — computed only over the rectangle of (query, key) pairs
+        that holds every linear one: none while the continuation is shorter than the window, which is most
+        of them."""
         if torch.is_grad_enabled():
-            return torch.exp((s - shift).clamp(min=MIN_EXP)) * win_f[..., sl] + lw * lin_f[..., sl]
-        return s.sub_(shift).clamp_(min=MIN_EXP).exp_().mul_(win_f[..., sl]).addcmul_(lw, lin_f[..., sl])
+            a = torch.exp((s - shift).clamp(min=MIN_EXP)) * win_f[..., sl]
+        else:
+            a = s.sub_(shift).clamp_(min=MIN_EXP).exp_().mul_(win_f[..., sl])
+        box = _bounding_box(lin[..., sl])
+        if box is not None:
+            r0, c0, c1 = box
+            phi_k = feature_k(repeat_kv(keys[:, :, c0:c1], groups)).to(sdt)
+            linear = (fq[:, :, r0:] @ phi_k.transpose(-1, -2)).mul_(lin_f[..., sl][..., r0:, c0:c1])
+            a[..., r0:, c0:c1] += linear
+        return a
 
-    a_w, a_o = weights(s_w, l_w, slice(0, slots)), weights(s_o, l_o, slice(slots, None))
+    a_w, a_o = weights(s_w, wk, slice(0, slots)), weights(s_o, k, slice(slots, None))
     num = fq @ state.kv + _by_kv_head(a_w, wv.transpose(-1, -2)) + _by_kv_head(a_o, v.transpose(-1, -2))
     den = fq @ state.k_sum.unsqueeze(-1) + a_w.sum(-1, keepdim=True) + a_o.sum(-1, keepdim=True)
     return num / torch.where(den > 0, den, torch.ones_like(den))
