@@ -7,6 +7,10 @@ Without --linearized the linearized model is an untrained conversion (terraced, 
 timing, meaningless for accuracy; the output says which it was. Progress is kept per subject in
 ``--work`` (JSONL), so an interrupted run continues where it stopped; the total time is the sum of the
 per-subject times.
+
+It also counts the original's FLOPs (``--flops-only`` does nothing else): cached+batched against
+uncached, over the full run and the subset. Their ratio is the speed-up the cached path would show if
+it ran at the uncached path's FLOP rate.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from lolcats import AttentionConfig, convert_model
 from lolcats.checkpoint import cast_base, load_base, load_model_any
 from lolcats.config import ModelConfig
-from lolcats.eval.mmlu import evaluate_mmlu
+from lolcats.eval.mmlu import evaluate_mmlu, tokenize_subject
 from lolcats.eval.mmlu_data import load_mmlu
 from lolcats.report import machine
 
@@ -74,6 +78,45 @@ def subset_speedup(model, tokenizer, data, batch_size: int, limit: int) -> dict:
             "same_predictions": same, "max_logprob_diff": float((lp_f - lp_s).abs().max())}
 
 
+def flop_count(model, tokenizer, data, batch_size: int) -> dict:
+    """Multiply-add FLOPs the original (softmax) model needs for ``data``, cached+batched (as
+    ``evaluate_mmlu`` runs it: the exemplars once, then right-padded batches of questions sorted by length)
+    and uncached (every prompt alone): 2 per weight of the decoder's linear maps per token, 4 · H · D per
+    (query, key) pair per layer for attention, 2 · V · hidden per row of logits. Nothing else counted."""
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    cfg = model.config
+    per_token, per_pair = 2 * linear, 4 * cfg.num_attention_heads * getattr(cfg, "head_dim", None) * cfg.num_hidden_layers
+    per_row = 2 * head.weight.numel()
+
+    def causal(n: int) -> float:
+        return n * (n + 1) / 2
+
+    cached = uncached = 0.0
+    for subject in data.subjects:
+        prompts = tokenize_subject(tokenizer, subject, data.dev[subject][:5], data.test[subject])
+        p = len(prompts.shared)
+        lengths = sorted(len(r) for r in prompts.rests)
+        uncached += sum((p + t) * per_token + causal(p + t) * per_pair + per_row for t in lengths)
+        cached += p * per_token + causal(p) * per_pair + per_row
+        for i in range(0, len(lengths), batch_size):
+            rows, width = len(lengths[i : i + batch_size]), max(lengths[i : i + batch_size])
+            cached += rows * (width * per_token + (width * p + causal(width)) * per_pair + per_row)
+    return {"cached_tflop": cached / 1e12, "uncached_tflop": uncached / 1e12, "ratio": uncached / cached}
+
+
+def matmul_rate(threads: int) -> float:
+    """GFLOP/s of one fp32 matmul of MLP shape (1600 × 576 by 576 × 1536) on this machine, median of 30."""
+    torch.set_num_threads(threads)
+    x, w = torch.randn(1600, 576), torch.randn(1536, 576)
+    times = []
+    for _ in range(33):
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        times.append(time.perf_counter() - t)
+    return 2 * 1600 * 576 * 1536 / statistics.median(times[3:]) / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="lolcats:smollm2-135m-instruct")
@@ -86,6 +129,9 @@ def main() -> None:
                          "matmul measured 4.8x slower than fp32); attention of linearized layers computes in float32")
     ap.add_argument("--only", choices=["original", "linearized"], help="run one model")
     ap.add_argument("--skip-full", action="store_true", help="only the subset speed-up")
+    ap.add_argument("--flops-only", action="store_true",
+                    help="only count the original's FLOPs (full run and subset, cached and uncached) and time a "
+                         "matmul; leaves the timings in --json as they are")
     ap.add_argument("--work", default="bench_mmlu_work", help="folder for per-subject progress (resumable)")
     ap.add_argument("--json", default="docs/bench_mmlu.json")
     args = ap.parse_args()
@@ -106,13 +152,18 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.json)
     report = json.loads(out_path.read_text()) if out_path.exists() else {}
-    report["meta"] = {"model": args.model, "linearized": lin_desc, "data": data.source,
-                      "exemplar_rule": data.exemplar_rule, "batch_size": args.batch_size, "dtype": args.dtype,
-                      "machine": machine(args.threads),
-                      "torch": torch.__version__,
-                      "date": time.strftime("%Y-%m-%d")}
+    if not args.flops_only:  # the meta data describe the timings
+        report["meta"] = {"model": args.model, "linearized": lin_desc, "data": data.source,
+                          "exemplar_rule": data.exemplar_rule, "batch_size": args.batch_size, "dtype": args.dtype,
+                          "machine": machine(args.threads), "torch": torch.__version__,
+                          "date": time.strftime("%Y-%m-%d")}
+    flops = {"full": flop_count(original, tokenizer, data, args.batch_size),
+             "subset": flop_count(original, tokenizer, data.select(SUBSET, args.subset_limit), args.batch_size),
+             "matmul_gflops": matmul_rate(args.threads), "machine": machine(args.threads),
+             "date": time.strftime("%Y-%m-%d")}
+    report["flops_original"] = flops
     for name, model in (("original", original), ("linearized", linearized)):
-        if args.only and name != args.only:
+        if args.only and name != args.only or args.flops_only:
             continue
         entry = report.setdefault(name, {})
         print(f"{name}: subset speed-up ({len(SUBSET)} subjects x {args.subset_limit} items)", flush=True)
@@ -135,6 +186,17 @@ def main() -> None:
                 f"{100 * f['macro_accuracy']:.2f}") if f else "– | – | – | – | –"
         print(f"| {name} | {full} | {s['speedup']:.2f}× ({s['uncached_s']:.0f} s / {s['cached_s']:.0f} s) | "
               f"{s['same_predictions']}/{s['items']} | {s['max_logprob_diff']:.1e} |")
+    full, sub, rate = flops["full"], flops["subset"], flops["matmul_gflops"]
+    print(f"\nFLOPs of the original (cached+batched / uncached): full run {full['cached_tflop']:.0f} / "
+          f"{full['uncached_tflop']:.0f} TFLOP (ratio {full['ratio']:.2f}), subset {sub['cached_tflop']:.1f} / "
+          f"{sub['uncached_tflop']:.1f} TFLOP (ratio {sub['ratio']:.2f}: the subset speed-up at equal FLOP rates)")
+    line = f"one MLP-shaped fp32 matmul alone: {rate:.0f} GFLOP/s on this machine now"
+    e = report.get("original", {}).get("full")
+    if e:
+        line += f"; the original's full run did {full['cached_tflop']:.0f} TFLOP in {e['minutes']:.1f} min = " \
+                f"{full['cached_tflop'] * 1e3 / e['seconds']:.0f} GFLOP/s"
+    print(line)
+    out_path.write_text(json.dumps(report, indent=1))
     print(f"JSON written to {out_path}")
 
 
