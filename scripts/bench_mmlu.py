@@ -34,35 +34,41 @@ from lolcats.report import machine
 SUBSET = ("abstract_algebra", "college_biology", "high_school_us_history", "marketing")
 
 
-def full_run(name: str, model, tokenizer, data, batch_size: int, work: Path) -> dict:
-    """Every subject, cached + batched; per-subject records appended to ``work`` as they finish."""
-    done = {}
-    if work.exists():
-        for line in work.read_text().splitlines():
-            rec = json.loads(line)
-            done[rec["subject"]] = rec
-    with work.open("a") as f:
-        for i, subject in enumerate(data.subjects):
-            if subject in done:
+def full_runs(models: dict, tokenizer, data, batch_size: int, work: Path) -> dict[str, dict]:
+    """Every subject, cached + batched, the models taking turns subject by subject (a drift in the machine's
+    speed then hits them alike); per-subject records appended to ``work/<name>.jsonl`` as they finish."""
+    done = {name: {} for name in models}
+    for name in models:
+        path = work / f"{name}.jsonl"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                done[name][rec["subject"]] = rec
+    for i, subject in enumerate(data.subjects):
+        for name, model in models.items():
+            if subject in done[name]:
                 continue
             r = evaluate_mmlu(model, tokenizer, data.select([subject]), shots=5, batch_size=batch_size)
             s = r["subjects"][subject]
             rec = {"subject": subject, "items": s["items"], "correct": s["correct"], "seconds": r["seconds"],
                    "tokens_run": r["tokens_run"]}
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            done[subject] = rec
+            with (work / f"{name}.jsonl").open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            done[name][subject] = rec
             print(f"  [{name}] {i + 1}/{len(data.subjects)} {subject}: {s['items']} items, "
                   f"{r['seconds']:.0f} s, acc {s['accuracy']:.3f}", flush=True)
-    recs = [done[s] for s in data.subjects]
-    items = sum(r["items"] for r in recs)
-    seconds = sum(r["seconds"] for r in recs)
-    return {
-        "items": items, "seconds": seconds, "minutes": seconds / 60, "items_per_s": items / seconds,
-        "tokens_run": sum(r["tokens_run"] for r in recs),
-        "micro_accuracy": sum(r["correct"] for r in recs) / items,
-        "macro_accuracy": statistics.mean(r["correct"] / r["items"] for r in recs),
-    }
+    out = {}
+    for name in models:
+        recs = [done[name][s] for s in data.subjects]
+        items = sum(r["items"] for r in recs)
+        seconds = sum(r["seconds"] for r in recs)
+        out[name] = {
+            "items": items, "seconds": seconds, "minutes": seconds / 60, "items_per_s": items / seconds,
+            "tokens_run": sum(r["tokens_run"] for r in recs),
+            "micro_accuracy": sum(r["correct"] for r in recs) / items,
+            "macro_accuracy": statistics.mean(r["correct"] / r["items"] for r in recs),
+        }
+    return out
 
 
 def subset_speedup(model, tokenizer, data, batch_size: int, limit: int) -> dict:
@@ -162,16 +168,18 @@ def main() -> None:
              "matmul_gflops": matmul_rate(args.threads), "machine": machine(args.threads),
              "date": time.strftime("%Y-%m-%d")}
     report["flops_original"] = flops
-    for name, model in (("original", original), ("linearized", linearized)):
-        if args.only and name != args.only or args.flops_only:
-            continue
-        entry = report.setdefault(name, {})
+    models = {name: model for name, model in (("original", original), ("linearized", linearized))
+              if not args.flops_only and args.only in (None, name)}
+    for name, model in models.items():
         print(f"{name}: subset speed-up ({len(SUBSET)} subjects x {args.subset_limit} items)", flush=True)
-        entry["subset"] = subset_speedup(model, tokenizer, data, args.batch_size, args.subset_limit)
-        if not args.skip_full:
-            print(f"{name}: full 5-shot MMLU", flush=True)
-            entry["full"] = full_run(name, model, tokenizer, data, args.batch_size, work / f"{name}.jsonl")
+        report.setdefault(name, {})["subset"] = subset_speedup(model, tokenizer, data, args.batch_size,
+                                                               args.subset_limit)
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=1))
+    if models and not args.skip_full:
+        print(f"full 5-shot MMLU: {', '.join(models)}, subject by subject", flush=True)
+        for name, full in full_runs(models, tokenizer, data, args.batch_size, work).items():
+            report[name]["full"] = full
         out_path.write_text(json.dumps(report, indent=1))
     print(f"\nlinearized model: {lin_desc}")
     print("| model | items | minutes | items/s | micro acc | macro acc | subset speed-up (cached vs uncached) | "

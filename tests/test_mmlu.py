@@ -70,14 +70,19 @@ def _scores(result):
 def test_cached_batched_equals_uncached(tmp_path, tokenizer, kind, shots):
     """The subject prefix run once and read by every batch (KV cache in place, recurrent state shared),
     questions batched with right padding, gives the same predictions and log-probabilities (within 1e-4) as every prompt
-    run alone from scratch. Windows of 8 tokens make the ~150-token prompts cross many windows."""
+    run alone from scratch — the cached batches running the last layer's MLP on each row's last token only.
+    Windows of 8 tokens make the ~150-token prompts cross many windows."""
     data = load_jsonl(write_jsonl(tmp_path / "m.jsonl"))
     torch.manual_seed(0)
     model = build_tiny("llama", vocab_size=len(tokenizer))
     if kind != "softmax":
         convert_model(model, AttentionConfig(variant=kind, window_size=8, chunk_size=8, window_factor_init=0.0))
+    seen = []  # token counts the last layer's MLP ran on
+    model.model.layers[-1].mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
     fast = evaluate_mmlu(model, tokenizer, data, shots=shots, batch_size=4, cached=True)
+    batches, seen = seen.count(1), []
     slow = evaluate_mmlu(model, tokenizer, data, shots=shots, batch_size=1, cached=False)
+    assert batches == 6 and 1 not in seen  # cached batches run it on each row's last token only
     lp_fast, pred_fast = _scores(fast)
     lp_slow, pred_slow = _scores(slow)
     assert pred_fast == pred_slow

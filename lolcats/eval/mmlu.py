@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -96,12 +96,45 @@ def _head_reads(model: nn.Module, last: Tensor) -> Iterator[bool]:
         handle.remove()
 
 
+def _last_mlp(model: nn.Module) -> nn.Module | None:
+    """The MLP of the model's last decoder layer, where it has one (``get_decoder().layers[-1].mlp``)."""
+    layers = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
+    mlp = getattr(layers[-1], "mlp", None) if isinstance(layers, nn.ModuleList) and len(layers) else None
+    return mlp if isinstance(mlp, nn.Module) else None
+
+
+@contextmanager
+def _last_mlp_reads(model: nn.Module, last: Tensor) -> Iterator[None]:
+    """While inside, the last decoder layer's MLP runs on each row's token ``last[b]`` only: its (B, 1, D)
+    output is broadcast over the row by the residual add that follows it, which leaves position ``last[b]``
+    exact — the only one :func:`_head_reads` passes on to the output head. Saves the last layer's MLP on
+    every other token; nothing is done for a model without such an MLP."""
+    mlp = _last_mlp(model)
+    if mlp is None:
+        yield
+        return
+    rows = torch.arange(last.shape[0], device=last.device)
+
+    def check(module: nn.Module, args: tuple, out: object) -> None:
+        if not isinstance(out, Tensor) or out.shape[:2] != (last.shape[0], 1):
+            raise RuntimeError(f"expected the last MLP to return (B, 1, D), got {getattr(out, 'shape', type(out))}")
+
+    handles = [mlp.register_forward_pre_hook(lambda module, args: (args[0][rows, last][:, None], *args[1:])),
+               mlp.register_forward_hook(check)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def _last_logprobs(model: nn.Module, ids: Tensor, last: Tensor, letters: Tensor, cache: object | None,
-                   **extra: object) -> Tensor:
-    """Log-probabilities of the letters after each row's token ``last[b]``: (B, 4)."""
+                   last_only: bool = False, **extra: object) -> Tensor:
+    """Log-probabilities of the letters after each row's token ``last[b]``: (B, 4). ``last_only`` also runs
+    the last layer's MLP on those tokens only (:func:`_last_mlp_reads`)."""
     kwargs = {"past_key_values": cache, "use_cache": True} if cache is not None else {"use_cache": False}
-    with _head_reads(model, last) as picked:
+    with _head_reads(model, last) as picked, _last_mlp_reads(model, last) if last_only and picked else nullcontext():
         if picked:
             logits = model(input_ids=ids, logits_to_keep=0, **kwargs, **extra).logits  # (B, 1, V)
             if logits.shape[:2] != (ids.shape[0], 1):
@@ -170,14 +203,14 @@ def score_subject(model: nn.Module, prompts: SubjectPrompts, letters: list[int],
             cache = _batch_cache(prefix)
             positions = torch.arange(p, p + width, device=device).expand(len(idx), -1)
             with shared_prefix_attention(model):
-                out[idx] = _last_logprobs(model, ids, last, letters_t, cache, position_ids=positions,
+                out[idx] = _last_logprobs(model, ids, last, letters_t, cache, last_only=True, position_ids=positions,
                                           lolcats_prefix=prefix).cpu()
         else:
             cache = DynamicCache()
             if prefix is not None:
                 cache = copy.deepcopy(prefix)
                 cache.batch_repeat_interleave(len(idx))
-            out[idx] = _last_logprobs(model, ids, last, letters_t, cache).cpu()
+            out[idx] = _last_logprobs(model, ids, last, letters_t, cache, last_only=True).cpu()
         if progress:
             progress(len(idx))
     return out
