@@ -79,7 +79,11 @@ def subset_speedup(model, tokenizer, data, batch_size: int, limit: int) -> dict:
     lp_s = torch.tensor([p["logprobs"] for p in slow["predictions"]])
     same = sum(a["prediction"] == b["prediction"] for a, b in zip(fast["predictions"], slow["predictions"],
                                                                     strict=True))
+    worst = int((lp_f - lp_s).abs().amax(-1).argmax())
+    item = fast["predictions"][worst]
     return {"subjects": list(SUBSET), "limit_per_subject": limit, "items": fast["items"],
+            "worst_item": {"subject": item["subject"], "index": item["index"], "cached": lp_f[worst].tolist(),
+                           "uncached": lp_s[worst].tolist()},
             "cached_s": fast["seconds"], "uncached_s": slow["seconds"], "speedup": slow["seconds"] / fast["seconds"],
             "same_predictions": same, "max_logprob_diff": float((lp_f - lp_s).abs().max())}
 
