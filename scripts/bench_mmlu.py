@@ -92,12 +92,16 @@ def flop_count(model, tokenizer, data, batch_size: int) -> dict:
     """Multiply-add FLOPs the original (softmax) model needs for ``data``, cached+batched (as
     ``evaluate_mmlu`` runs it: the exemplars once, then right-padded batches of questions sorted by length)
     and uncached (every prompt alone): 2 per weight of the decoder's linear maps per token, 4 · H · D per
-    (query, key) pair per layer for attention, 2 · V · hidden per row of logits. Nothing else counted."""
+    (query, key) pair per layer for attention, 2 · V · hidden per row of logits; a cached batch runs the last
+    layer's MLP on one token per row. Nothing else counted."""
     head = model.get_output_embeddings()
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+
+    def linear_weights(module: torch.nn.Module) -> int:
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+
     cfg = model.config
-    per_token, per_pair = 2 * linear, 4 * cfg.num_attention_heads * getattr(cfg, "head_dim", None) * cfg.num_hidden_layers
-    per_row = 2 * head.weight.numel()
+    per_token, per_pair = 2 * linear_weights(model), 4 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+    per_row, last_mlp = 2 * head.weight.numel(), 2 * linear_weights(model.get_decoder().layers[-1].mlp)
 
     def causal(n: int) -> float:
         return n * (n + 1) / 2
@@ -111,7 +115,8 @@ def flop_count(model, tokenizer, data, batch_size: int) -> dict:
         cached += p * per_token + causal(p) * per_pair + per_row
         for i in range(0, len(lengths), batch_size):
             rows, width = len(lengths[i : i + batch_size]), max(lengths[i : i + batch_size])
-            cached += rows * (width * per_token + (width * p + causal(width)) * per_pair + per_row)
+            cached += rows * (width * per_token + (width * p + causal(width)) * per_pair + per_row
+                              - (width - 1) * last_mlp)
     return {"cached_tflop": cached / 1e12, "uncached_tflop": uncached / 1e12, "ratio": uncached / cached}
 
 

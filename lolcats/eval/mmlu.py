@@ -10,8 +10,8 @@ are run once. Each batch of questions then reads them without copying: linearize
 constant-size recurrent state (batch 1, frozen, scored against in one dense pass:
 :func:`lolcats.ops.attend_on_state`), softmax layers the prefix's keys/values in place
 (:mod:`lolcats.eval.shared_prefix`: one attention call per batch). Questions of a batch are right-padded,
-which no real token can see (causal attention), and the output head reads each row at its own last token
-only. ``cached=False`` is the plain path: every prompt alone, from scratch.
+which no real token can see (causal attention), and the output head — and the last layer's MLP before it —
+read each row at its own last token only. ``cached=False`` is the plain path: every prompt alone, from scratch.
 """
 
 from __future__ import annotations
