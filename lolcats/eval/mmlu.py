@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -80,20 +80,36 @@ def tokenize_subject(tokenizer, subject: str, exemplars: list[Item], items: list
 
 
 @contextmanager
-def _head_reads(model: nn.Module, last: Tensor) -> Iterator[bool]:
+def _head_reads(model: nn.Module, last: Tensor, last_mlp: bool = False) -> Iterator[bool]:
     """While inside, the output head sees only each row's hidden state at ``last[b]`` (a pre-hook on
     ``get_output_embeddings()``), so a batch costs B rows of logits, not B × T. Yields False for a model
-    without an output-embedding module (the caller then keeps the positions itself)."""
+    without an output-embedding module (the caller then keeps the positions itself).
+
+    With ``last_mlp`` the last decoder layer's MLP also runs on those tokens only: its (B, 1, D) output is
+    broadcast over the row by the residual add that follows it, which leaves position ``last[b]`` — the only
+    one the head reads — exact (nothing is done for a model without such an MLP)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Module):
         yield False
         return
     rows = torch.arange(last.shape[0], device=last.device)
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0][rows, last][:, None], *args[1:]))
+
+    def pick(module: nn.Module, args: tuple) -> tuple:
+        return (args[0][rows, last][:, None], *args[1:])
+
+    def check(module: nn.Module, args: tuple, out: object) -> None:
+        if not isinstance(out, Tensor) or out.shape[:2] != (last.shape[0], 1):
+            raise RuntimeError(f"expected the last MLP to return (B, 1, D), got {getattr(out, 'shape', type(out))}")
+
+    handles = [head.register_forward_pre_hook(pick)]
+    mlp = _last_mlp(model) if last_mlp else None
+    if mlp is not None:
+        handles += [mlp.register_forward_pre_hook(pick), mlp.register_forward_hook(check)]
     try:
         yield True
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def _last_mlp(model: nn.Module) -> nn.Module | None:
@@ -103,38 +119,13 @@ def _last_mlp(model: nn.Module) -> nn.Module | None:
     return mlp if isinstance(mlp, nn.Module) else None
 
 
-@contextmanager
-def _last_mlp_reads(model: nn.Module, last: Tensor) -> Iterator[None]:
-    """While inside, the last decoder layer's MLP runs on each row's token ``last[b]`` only: its (B, 1, D)
-    output is broadcast over the row by the residual add that follows it, which leaves position ``last[b]``
-    exact — the only one :func:`_head_reads` passes on to the output head. Saves the last layer's MLP on
-    every other token; nothing is done for a model without such an MLP."""
-    mlp = _last_mlp(model)
-    if mlp is None:
-        yield
-        return
-    rows = torch.arange(last.shape[0], device=last.device)
-
-    def check(module: nn.Module, args: tuple, out: object) -> None:
-        if not isinstance(out, Tensor) or out.shape[:2] != (last.shape[0], 1):
-            raise RuntimeError(f"expected the last MLP to return (B, 1, D), got {getattr(out, 'shape', type(out))}")
-
-    handles = [mlp.register_forward_pre_hook(lambda module, args: (args[0][rows, last][:, None], *args[1:])),
-               mlp.register_forward_hook(check)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @torch.no_grad()
 def _last_logprobs(model: nn.Module, ids: Tensor, last: Tensor, letters: Tensor, cache: object | None,
                    last_only: bool = False, **extra: object) -> Tensor:
     """Log-probabilities of the letters after each row's token ``last[b]``: (B, 4). ``last_only`` also runs
-    the last layer's MLP on those tokens only (:func:`_last_mlp_reads`)."""
+    the last layer's MLP on those tokens only (see :func:`_head_reads`)."""
     kwargs = {"past_key_values": cache, "use_cache": True} if cache is not None else {"use_cache": False}
-    with _head_reads(model, last) as picked, _last_mlp_reads(model, last) if last_only and picked else nullcontext():
+    with _head_reads(model, last, last_mlp=last_only) as picked:
         if picked:
             logits = model(input_ids=ids, logits_to_keep=0, **kwargs, **extra).logits  # (B, 1, V)
             if logits.shape[:2] != (ids.shape[0], 1):
