@@ -27,7 +27,7 @@ import torch
 from lolcats import AttentionConfig, convert_model
 from lolcats.checkpoint import cast_base, load_base, load_model_any
 from lolcats.config import ModelConfig
-from lolcats.eval.mmlu import evaluate_mmlu, tokenize_subject
+from lolcats.eval.mmlu import evaluate_mmlu, stem_groups, tokenize_subject
 from lolcats.eval.mmlu_data import load_mmlu
 from lolcats.report import machine
 
@@ -90,10 +90,10 @@ def subset_speedup(model, tokenizer, data, batch_size: int, limit: int) -> dict:
 
 def flop_count(model, tokenizer, data, batch_size: int) -> dict:
     """Multiply-add FLOPs the original (softmax) model needs for ``data``, cached+batched (as
-    ``evaluate_mmlu`` runs it: the exemplars once, then right-padded batches of questions sorted by length)
-    and uncached (every prompt alone): 2 per weight of the decoder's linear maps per token, 4 · H · D per
-    (query, key) pair per layer for attention, 2 · V · hidden per row of logits; a cached batch runs the last
-    layer's MLP on one token per row. Nothing else counted."""
+    ``evaluate_mmlu`` runs it: the exemplars once, each shared question stem once, then right-padded batches
+    of questions sorted by length) and uncached (every prompt alone): 2 per weight of the decoder's linear
+    maps per token, 4 · H · D per (query, key) pair per layer for attention, 2 · V · hidden per row of
+    logits; a cached batch runs the last layer's MLP on one token per row. Nothing else counted."""
     head = model.get_output_embeddings()
 
     def linear_weights(module: torch.nn.Module) -> int:
@@ -110,13 +110,16 @@ def flop_count(model, tokenizer, data, batch_size: int) -> dict:
     for subject in data.subjects:
         prompts = tokenize_subject(tokenizer, subject, data.dev[subject][:5], data.test[subject])
         p = len(prompts.shared)
-        lengths = sorted(len(r) for r in prompts.rests)
-        uncached += sum((p + t) * per_token + causal(p + t) * per_pair + per_row for t in lengths)
+        uncached += sum((p + len(r)) * per_token + causal(p + len(r)) * per_pair + per_row for r in prompts.rests)
         cached += p * per_token + causal(p) * per_pair + per_row
-        for i in range(0, len(lengths), batch_size):
-            rows, width = len(lengths[i : i + batch_size]), max(lengths[i : i + batch_size])
-            cached += rows * (width * per_token + (width * p + causal(width)) * per_pair + per_row
-                              - (width - 1) * last_mlp)
+        for stem, group in stem_groups(prompts.rests):
+            # a shared stem runs once on top of the exemplars; its questions then read both
+            cached += stem * per_token + (stem * p + causal(stem)) * per_pair + per_row if stem else 0
+            lengths = sorted(len(prompts.rests[i]) - stem for i in group)
+            for i in range(0, len(lengths), batch_size):
+                rows, width = len(lengths[i : i + batch_size]), max(lengths[i : i + batch_size])
+                cached += rows * (width * per_token + (width * (p + stem) + causal(width)) * per_pair + per_row
+                                  - (width - 1) * last_mlp)
     return {"cached_tflop": cached / 1e12, "uncached_tflop": uncached / 1e12, "ratio": uncached / cached}
 
 

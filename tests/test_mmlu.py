@@ -123,6 +123,66 @@ def test_shared_prefix_is_a_token_prefix_of_every_prompt(tmp_path, tokenizer):
         assert prompts.shared + rest == whole and len(rest) >= 1
 
 
+def write_stem_jsonl(path, seed=0):
+    """Two subjects whose questions start alike: one where groups of 2-4 questions read the same 40-word
+    passage (MMLU's history subjects), one with a 36-word stem every question begins with (moral
+    scenarios), and a few questions of their own in each."""
+    rng = random.Random(seed)
+    words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+    rows = []
+    for subject, passages in (("passage topic", [words(40) for _ in range(4)]), ("stem topic", [words(36)])):
+        for _ in range(17):
+            row = _item(rng, subject)
+            if rng.random() < 0.8:
+                row["question"] = rng.choice(passages) + " " + row["question"]
+            rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_stem_groups_share_exact_token_prefixes(tmp_path, tokenizer):
+    from lolcats.eval.mmlu import stem_groups, tokens_run
+
+    data = load_jsonl(write_stem_jsonl(tmp_path / "m.jsonl"))
+    for s in data.subjects:
+        prompts = tokenize_subject(tokenizer, s, data.dev[s], data.test[s])
+        groups = stem_groups(prompts.rests, min_stem=32)
+        assert sorted(i for _, idx in groups for i in idx) == list(range(len(prompts.rests)))  # each once
+        stems = [(stem, idx) for stem, idx in groups if stem]
+        assert stems and sum(1 for stem, _ in groups if not stem) <= 1
+        for stem, idx in stems:
+            assert stem >= 32 and len(idx) >= 2
+            assert all(prompts.rests[i][:stem] == prompts.rests[idx[0]][:stem] for i in idx)
+            assert all(len(prompts.rests[i]) > stem for i in idx)  # each question keeps a token of its own
+            assert len({prompts.rests[i][stem] for i in idx}) > 1  # the whole shared start, not less
+        assert tokens_run(prompts) < tokens_run(prompts, cached=False)
+        assert tokens_run(prompts) == len(prompts.shared) + sum(len(r) for r in prompts.rests) - sum(
+            stem * (len(idx) - 1) for stem, idx in stems)
+    # nothing shared that far: every question alone
+    assert stem_groups([[1, 2, 3], [1, 2, 4], [5]], min_stem=32) == [(0, [0, 1, 2])]
+    assert stem_groups([[1, 2, 3], [1, 2, 4], [5]], min_stem=2) == [(2, [0, 1]), (0, [2])]
+
+
+@pytest.mark.parametrize("kind", ["softmax", "terraced", "linear", "skip_first"])
+def test_questions_with_a_shared_stem_equal_uncached(tmp_path, tokenizer, kind):
+    """Questions that share a passage or a stem run it once on top of the exemplars, then read it like the
+    exemplars: still the uncached path's predictions and log-probabilities (within 1e-4)."""
+    data = load_jsonl(write_stem_jsonl(tmp_path / "m.jsonl"))
+    torch.manual_seed(0)
+    model = build_tiny("llama", vocab_size=len(tokenizer))
+    if kind != "softmax":
+        convert_model(model, AttentionConfig(variant="linear" if kind == "linear" else "terraced", window_size=8,
+                                             chunk_size=8, skip_layers=[0] if kind == "skip_first" else []))
+    fast = evaluate_mmlu(model, tokenizer, data, batch_size=3, cached=True)
+    slow = evaluate_mmlu(model, tokenizer, data, batch_size=1, cached=False)
+    assert _scores(fast)[1] == _scores(slow)[1]
+    torch.testing.assert_close(_scores(fast)[0], _scores(slow)[0], atol=1e-4, rtol=0)
+    flat = sum(p + sum(len(r) for r in tokenize_subject(tokenizer, s, data.dev[s], data.test[s]).rests)
+               for s in data.subjects
+               for p in [len(tokenize_subject(tokenizer, s, data.dev[s], data.test[s]).shared)])
+    assert fast["tokens_run"] < flat - 200  # the stems did run once per group
+
+
 def test_letter_ids_and_ties_go_to_the_earliest_letter(tmp_path):
     tok = make_tokenizer(tmp_path)  # no "A".."D" in its vocabulary: they are all <unk>
     ids = letter_token_ids(make_tokenizer(tmp_path / "x", MMLU_WORDS))

@@ -89,10 +89,11 @@ def test_offline_mmlu_is_the_cleaned_test_split():
 
 @pytest.mark.parametrize("kind", ["original", "terraced"])
 def test_mmlu_cached_batched_equals_uncached_on_smollm2(smollm2_path, kind):
-    """Two subjects (one with ~1,500-token prompts), 3 items each: same predictions, log-probs within 1e-4."""
+    """Two subjects, 6 items each: one with ~1,500-token prompts and two questions on one passage, one whose
+    questions all start with the same 47-token stem. Same predictions, log-probs within 1e-4."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lolcats.eval.mmlu import evaluate_mmlu
+    from lolcats.eval.mmlu import evaluate_mmlu, stem_groups, tokenize_subject
     from lolcats.eval.mmlu_data import load_mmlu
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
@@ -100,7 +101,9 @@ def test_mmlu_cached_batched_equals_uncached_on_smollm2(smollm2_path, kind):
     if kind != "original":
         torch.manual_seed(0)
         lolcats.convert_model(model, lolcats.AttentionConfig(variant=kind, window_size=64))
-    data = load_mmlu(None).select(["high_school_european_history", "marketing"], limit=3)
+    data = load_mmlu(None).select(["high_school_european_history", "moral_scenarios"], limit=6)
+    for s in data.subjects:  # both subjects have questions that share a stem
+        assert any(stem > 32 for stem, _ in stem_groups(tokenize_subject(tokenizer, s, data.dev[s], data.test[s]).rests))
     fast = evaluate_mmlu(model, tokenizer, data, batch_size=2, cached=True)
     slow = evaluate_mmlu(model, tokenizer, data, batch_size=1, cached=False)
     assert [p["prediction"] for p in fast["predictions"]] == [p["prediction"] for p in slow["predictions"]]

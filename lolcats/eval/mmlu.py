@@ -6,7 +6,9 @@ separated by blank lines, then the question ending in "Answer:". Prompts are tok
 the uncached path and lm-eval see them.
 
 Speed: the exemplars are the same for every question of a subject, so the tokens all its prompts share
-are run once. Each batch of questions then reads them without copying: linearized layers their
+are run once; so is the start of a group of questions that begin alike (several questions on one passage
+in the history subjects, the fixed stem of moral scenarios: :func:`stem_groups`), run once on top of them.
+Each batch of questions then reads what it shares without copying: linearized layers their
 constant-size recurrent state (batch 1, frozen, scored against in one dense pass:
 :func:`lolcats.ops.attend_on_state`), softmax layers the prefix's keys/values in place
 (:mod:`lolcats.eval.shared_prefix`: one attention call per batch). Questions of a batch are right-padded,
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +34,8 @@ from lolcats.attention.cache import LolcatsCacheLayer
 from lolcats.eval.mmlu_data import LETTERS, Item, MMLUData
 from lolcats.eval.shared_prefix import shared_prefix_attention, supports_shared_prefix
 
+# Questions sharing at least this many tokens past the exemplars share their run too (see stem_groups).
+MIN_STEM = 32
 HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 
 
@@ -158,6 +163,61 @@ def _batch_cache(prefix: DynamicCache) -> DynamicCache | None:
     return cache
 
 
+def stem_groups(rests: list[list[int]], min_stem: int = MIN_STEM) -> list[tuple[int, list[int]]]:
+    """The questions (token lists after the shared start) grouped by a start of their own: ``(stem, indices)``
+    for each group of two or more questions whose first ``stem`` ≥ ``min_stem`` tokens are the same (each
+    keeps at least one token past it), then ``(0, indices)`` of the questions in no group. Questions are
+    taken in token order, so those that start alike are neighbours; a group is a run of neighbours sharing
+    ``min_stem`` tokens or more, its stem what the whole run shares."""
+    order = sorted(range(len(rests)), key=lambda i: rests[i])
+
+    def common(a: list[int], b: list[int]) -> int:
+        n, i = min(len(a), len(b)) - 1, 0
+        while i < n and a[i] == b[i]:
+            i += 1
+        return i
+
+    runs: list[list[int]] = []
+    for i in order:
+        if runs and common(rests[runs[-1][-1]], rests[i]) >= min_stem:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    groups, alone = [], []
+    for run in runs:
+        if len(run) == 1:
+            alone += run
+        else:  # the run's neighbours share >= min_stem tokens, so the whole run shares min() of those
+            groups.append((min(common(rests[a], rests[b]) for a, b in pairwise(run)), run))
+    return groups + ([(0, alone)] if alone else [])
+
+
+def tokens_run(prompts: SubjectPrompts, cached: bool = True) -> int:
+    """Tokens :func:`score_subject` runs through the model for one subject (padding not counted)."""
+    if not cached:
+        return sum(len(prompts.shared) + len(r) for r in prompts.rests)
+    return len(prompts.shared) + sum(stem + sum(len(prompts.rests[i]) - stem for i in idx)
+                                     for stem, idx in stem_groups(prompts.rests))
+
+
+def _fork(cache: DynamicCache) -> DynamicCache:
+    """A batch-1 cache that starts where ``cache`` ends and can be extended without changing it: the layers'
+    tensors are shared, not copied (a ``DynamicLayer`` appends by concatenation, a linearized layer's
+    extension makes a new state; any other kind of layer is deep-copied)."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(x) if type(x) in (DynamicLayer, LolcatsCacheLayer) else copy.deepcopy(x)
+                  for x in cache.layers]
+    return new
+
+
+def _extend(model: nn.Module, cache: DynamicCache | None, tokens: list[int]) -> DynamicCache:
+    """A new batch-1 cache: ``cache`` (None: empty) with ``tokens`` run on top; ``cache`` is left as it was."""
+    device = next(model.parameters()).device
+    new = DynamicCache() if cache is None else _fork(cache)
+    model(input_ids=torch.tensor([tokens], device=device), past_key_values=new, use_cache=True, logits_to_keep=1)
+    return new
+
+
 @torch.no_grad()
 def score_subject(model: nn.Module, prompts: SubjectPrompts, letters: list[int], *, batch_size: int = 4,
                   cached: bool = True, pad_id: int = 0,
@@ -174,36 +234,35 @@ def score_subject(model: nn.Module, prompts: SubjectPrompts, letters: list[int],
             if progress:
                 progress(1)
         return out
-    prefix = None
-    if prompts.shared:
-        prefix = DynamicCache()
-        model(input_ids=torch.tensor([prompts.shared], device=device), past_key_values=prefix, use_cache=True,
-              logits_to_keep=1)
-    p = len(prompts.shared)
-    shared = prefix is not None and supports_shared_prefix(model, p + max(len(r) for r in prompts.rests))
-    order = sorted(range(n), key=lambda i: len(prompts.rests[i]))  # similar lengths batch together
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        rests = [prompts.rests[i] for i in idx]
-        width = max(len(r) for r in rests)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long, device=device)
-        for row, r in enumerate(rests):
-            ids[row, : len(r)] = torch.tensor(r)
-        last = torch.tensor([len(r) - 1 for r in rests], device=device)
-        if shared:
-            cache = _batch_cache(prefix)
-            positions = torch.arange(p, p + width, device=device).expand(len(idx), -1)
-            with shared_prefix_attention(model):
-                out[idx] = _last_logprobs(model, ids, last, letters_t, cache, last_only=True, position_ids=positions,
-                                          lolcats_prefix=prefix).cpu()
-        else:
-            cache = DynamicCache()
-            if prefix is not None:
-                cache = copy.deepcopy(prefix)
-                cache.batch_repeat_interleave(len(idx))
-            out[idx] = _last_logprobs(model, ids, last, letters_t, cache, last_only=True).cpu()
-        if progress:
-            progress(len(idx))
+    head = _extend(model, None, prompts.shared) if prompts.shared else None
+    in_place = supports_shared_prefix(model, len(prompts.shared) + max(len(r) for r in prompts.rests))
+    for stem, group in stem_groups(prompts.rests):
+        # questions on one passage (or with one fixed stem) run it once, on top of the exemplars
+        prefix = _extend(model, head, prompts.rests[group[0]][:stem]) if stem else head
+        p = len(prompts.shared) + stem
+        order = sorted(group, key=lambda i: len(prompts.rests[i]))  # similar lengths batch together
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            rests = [prompts.rests[i][stem:] for i in idx]
+            width = max(len(r) for r in rests)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long, device=device)
+            for row, r in enumerate(rests):
+                ids[row, : len(r)] = torch.tensor(r)
+            last = torch.tensor([len(r) - 1 for r in rests], device=device)
+            if prefix is not None and in_place:
+                cache = _batch_cache(prefix)
+                positions = torch.arange(p, p + width, device=device).expand(len(idx), -1)
+                with shared_prefix_attention(model):
+                    out[idx] = _last_logprobs(model, ids, last, letters_t, cache, last_only=True,
+                                              position_ids=positions, lolcats_prefix=prefix).cpu()
+            else:
+                cache = DynamicCache()
+                if prefix is not None:
+                    cache = copy.deepcopy(prefix)
+                    cache.batch_repeat_interleave(len(idx))
+                out[idx] = _last_logprobs(model, ids, last, letters_t, cache, last_only=True).cpu()
+            if progress:
+                progress(len(idx))
     return out
 
 
@@ -229,8 +288,7 @@ def evaluate_mmlu(model: nn.Module, tokenizer, data: MMLUData, *, shots: int = 5
         if len(exemplars) < shots:
             raise ValueError(f"subject {subject!r} has only {len(exemplars)} exemplars for --shots {shots}")
         prompts = tokenize_subject(tokenizer, subject, exemplars, items)
-        tokens += len(prompts.shared) + sum(len(r) for r in prompts.rests) if cached else \
-            sum(len(prompts.shared) + len(r) for r in prompts.rests)
+        tokens += tokens_run(prompts, cached)
         logprobs = score_subject(model, prompts, letters, batch_size=batch_size, cached=cached, pad_id=pad_id,
                                  progress=progress)
         pred = logprobs.argmax(-1)  # first maximum: ties go to the earliest letter
