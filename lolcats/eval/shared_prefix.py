@@ -33,12 +33,14 @@ def _flash_op():
 
 
 def _attend_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, fused: bool) -> tuple[Tensor, Tensor]:
-    """Attention of q (N, Hkv, M, D) over k, v (N, Hkv, S, D) with the same head count, and its log-sum-exp
-    (N, Hkv, M) in float32. ``causal`` aligns query i with key i (M == S)."""
+    """Attention of q (N, H, M, D) over k, v (N, Hkv, S, D), query head i reading key/value head i // (H / Hkv),
+    and its log-sum-exp (N, H, M) in float32. ``causal`` aligns query i with key i (M == S)."""
     op = _flash_op() if fused and q.device.type == "cpu" else None
-    if op is not None:
+    if op is not None:  # the fused kernel reads grouped key/value heads as they are
         out, lse = op(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal, scale=scale)
         return out.float(), lse.float()
+    if q.shape[1] != k.shape[1]:
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
     s = (q.float() * scale) @ k.float().transpose(-1, -2)
     if causal:
         s.masked_fill_(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), -math.inf)
@@ -71,10 +73,8 @@ def _prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
     o_pre, lse_pre = _attend_lse(q_pre, pk.to(query.dtype), pv.to(query.dtype), False, scale, lolcats_fused)
     o_pre = o_pre.view(hkv, g, b, t, d).permute(2, 0, 1, 3, 4).reshape(b, h, t, d)
     lse_pre = lse_pre.view(hkv, g, b, t).permute(2, 0, 1, 3).reshape(b, h, t)
-    # Each row against its own tokens, causally (only these keys are repeated over query heads).
-    k_own = key.repeat_interleave(g, dim=1) if g > 1 else key
-    v_own = value.repeat_interleave(g, dim=1) if g > 1 else value
-    o_own, lse_own = _attend_lse(query, k_own, v_own, True, scale, lolcats_fused)
+    # Each row against its own tokens, causally.
+    o_own, lse_own = _attend_lse(query, key, value, True, scale, lolcats_fused)
     # One normaliser over both parts.
     lse = torch.logaddexp(lse_pre, lse_own)
     out = o_pre * torch.exp(lse_pre - lse).unsqueeze(-1) + o_own * torch.exp(lse_own - lse).unsqueeze(-1)
