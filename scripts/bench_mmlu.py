@@ -71,20 +71,39 @@ def full_runs(models: dict, tokenizer, data, batch_size: int, work: Path) -> dic
     return out
 
 
-def subset_speedup(model, tokenizer, data, batch_size: int, limit: int) -> dict:
-    sub = data.select(SUBSET, limit)
-    fast = evaluate_mmlu(model, tokenizer, sub, shots=5, batch_size=batch_size, cached=True)
-    slow = evaluate_mmlu(model, tokenizer, sub, shots=5, batch_size=1, cached=False)
-    lp_f = torch.tensor([p["logprobs"] for p in fast["predictions"]])
-    lp_s = torch.tensor([p["logprobs"] for p in slow["predictions"]])
-    same = sum(a["prediction"] == b["prediction"] for a, b in zip(fast["predictions"], slow["predictions"],
-                                                                    strict=True))
+def subset_speedup(model, tokenizer, data, batch_size: int, limit: int, repeats: int = 3) -> dict:
+    """Cached+batched against uncached on SUBSET, subject by subject: the cached path runs ``repeats`` times
+    around the one uncached run (once before, the rest after), and a subject's cached time is the median of
+    its runs. One cached pass is short (~10 s a subject) next to the uncached one, so a burst of load on a
+    shared machine would otherwise swing the ratio; the uncached run is long enough to average over it."""
+    fast_lp, slow_lp, fast_pred, slow_pred, cached_runs, uncached = [], [], [], [], {}, {}
+    for subject in SUBSET:
+        sub = data.select([subject], limit)
+        times, first = [], None
+        for r in range(repeats):
+            res = evaluate_mmlu(model, tokenizer, sub, shots=5, batch_size=batch_size, cached=True)
+            times.append(res["seconds"])
+            first = first or res
+            if r == 0:
+                slow = evaluate_mmlu(model, tokenizer, sub, shots=5, batch_size=1, cached=False)
+                uncached[subject] = slow["seconds"]
+        cached_runs[subject] = times
+        for out, preds, res in ((fast_lp, fast_pred, first), (slow_lp, slow_pred, slow)):
+            out += [p["logprobs"] for p in res["predictions"]]
+            preds += res["predictions"]
+    lp_f, lp_s = torch.tensor(fast_lp), torch.tensor(slow_lp)
+    same = sum(a["prediction"] == b["prediction"] for a, b in zip(fast_pred, slow_pred, strict=True))
     worst = int((lp_f - lp_s).abs().amax(-1).argmax())
-    item = fast["predictions"][worst]
-    return {"subjects": list(SUBSET), "limit_per_subject": limit, "items": fast["items"],
+    item = fast_pred[worst]
+    cached_s = sum(statistics.median(t) for t in cached_runs.values())
+    uncached_s = sum(uncached.values())
+    return {"subjects": list(SUBSET), "limit_per_subject": limit, "items": len(fast_pred),
             "worst_item": {"subject": item["subject"], "index": item["index"], "cached": lp_f[worst].tolist(),
                            "uncached": lp_s[worst].tolist()},
-            "cached_s": fast["seconds"], "uncached_s": slow["seconds"], "speedup": slow["seconds"] / fast["seconds"],
+            "cached_repeats": repeats, "cached_runs_s": cached_runs, "uncached_runs_s": uncached,
+            "cached_s": cached_s, "uncached_s": uncached_s, "speedup": uncached_s / cached_s,
+            "speedup_range": [uncached_s / sum(max(t) for t in cached_runs.values()),
+                              uncached_s / sum(min(t) for t in cached_runs.values())],
             "same_predictions": same, "max_logprob_diff": float((lp_f - lp_s).abs().max())}
 
 
@@ -141,6 +160,8 @@ def main() -> None:
     ap.add_argument("--linearized", help="a linearized out_dir of --model (default: untrained conversion)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--subset-limit", type=int, default=40, help="items per subject in the speed-up subset")
+    ap.add_argument("--subset-repeats", type=int, default=3,
+                    help="cached runs per subset subject around its one uncached run (the median is taken)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="base weights: bfloat16 pays off only on CPUs with AMX / AVX512-BF16 (on one without, a bf16 "
@@ -153,6 +174,8 @@ def main() -> None:
     ap.add_argument("--work", default="bench_mmlu_work", help="folder for per-subject progress (resumable)")
     ap.add_argument("--json", default="docs/bench_mmlu.json")
     args = ap.parse_args()
+    if args.subset_repeats < 1:
+        ap.error(f"--subset-repeats must be at least 1, got {args.subset_repeats}")
     torch.set_num_threads(args.threads)
     data = load_mmlu(None)
     original, tokenizer, _ = load_base(ModelConfig(name_or_path=args.model, device="cpu"))
@@ -185,7 +208,7 @@ def main() -> None:
     for name, model in models.items():
         print(f"{name}: subset speed-up ({len(SUBSET)} subjects x {args.subset_limit} items)", flush=True)
         report.setdefault(name, {})["subset"] = subset_speedup(model, tokenizer, data, args.batch_size,
-                                                               args.subset_limit)
+                                                               args.subset_limit, args.subset_repeats)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(report, indent=1))
     if models and not args.skip_full:
@@ -204,7 +227,9 @@ def main() -> None:
         f, s = e.get("full"), e["subset"]
         full = (f"{f['items']} | {f['minutes']:.1f} | {f['items_per_s']:.2f} | {100 * f['micro_accuracy']:.2f} | "
                 f"{100 * f['macro_accuracy']:.2f}") if f else "– | – | – | – | –"
-        print(f"| {name} | {full} | {s['speedup']:.2f}× ({s['uncached_s']:.0f} s / {s['cached_s']:.0f} s) | "
+        spread = "–".join(f"{x:.2f}" for x in s.get("speedup_range", ()))
+        print(f"| {name} | {full} | {s['speedup']:.2f}× ({s['uncached_s']:.0f} s / {s['cached_s']:.0f} s; "
+              f"slowest–fastest cached runs {spread or '–'}) | "
               f"{s['same_predictions']}/{s['items']} | {s['max_logprob_diff']:.1e} |")
     full, sub, rate = flops["full"], flops["subset"], flops["matmul_gflops"]
     print(f"\nFLOPs of the original (cached+batched / uncached): full run {full['cached_tflop']:.0f} / "
