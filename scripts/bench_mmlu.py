@@ -76,22 +76,19 @@ def subset_speedup(model, tokenizer, data, batch_size: int, limit: int, repeats:
     around the one uncached run (once before, the rest after), and a subject's cached time is the median of
     its runs. One cached pass is short (~10 s a subject) next to the uncached one, so a burst of load on a
     shared machine would otherwise swing the ratio; the uncached run is long enough to average over it."""
-    fast_lp, slow_lp, fast_pred, slow_pred, cached_runs, uncached = [], [], [], [], {}, {}
+    fast_pred, slow_pred, cached_runs, uncached = [], [], {}, {}
     for subject in SUBSET:
         sub = data.select([subject], limit)
-        times, first = [], None
-        for r in range(repeats):
-            res = evaluate_mmlu(model, tokenizer, sub, shots=5, batch_size=batch_size, cached=True)
-            times.append(res["seconds"])
-            first = first or res
-            if r == 0:
-                slow = evaluate_mmlu(model, tokenizer, sub, shots=5, batch_size=1, cached=False)
-                uncached[subject] = slow["seconds"]
-        cached_runs[subject] = times
-        for out, preds, res in ((fast_lp, fast_pred, first), (slow_lp, slow_pred, slow)):
-            out += [p["logprobs"] for p in res["predictions"]]
-            preds += res["predictions"]
-    lp_f, lp_s = torch.tensor(fast_lp), torch.tensor(slow_lp)
+        first = evaluate_mmlu(model, tokenizer, sub, shots=5, batch_size=batch_size, cached=True)
+        slow = evaluate_mmlu(model, tokenizer, sub, shots=5, batch_size=1, cached=False)
+        cached_runs[subject] = [first["seconds"]] + [
+            evaluate_mmlu(model, tokenizer, sub, shots=5, batch_size=batch_size, cached=True)["seconds"]
+            for _ in range(repeats - 1)]
+        uncached[subject] = slow["seconds"]
+        fast_pred += first["predictions"]
+        slow_pred += slow["predictions"]
+    lp_f = torch.tensor([p["logprobs"] for p in fast_pred])
+    lp_s = torch.tensor([p["logprobs"] for p in slow_pred])
     same = sum(a["prediction"] == b["prediction"] for a, b in zip(fast_pred, slow_pred, strict=True))
     worst = int((lp_f - lp_s).abs().amax(-1).argmax())
     item = fast_pred[worst]
