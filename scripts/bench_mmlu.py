@@ -27,7 +27,7 @@ import torch
 from lolcats import AttentionConfig, convert_model
 from lolcats.checkpoint import cast_base, load_base, load_model_any
 from lolcats.config import ModelConfig
-from lolcats.eval.mmlu import evaluate_mmlu, stem_groups, tokenize_subject
+from lolcats.eval.mmlu import SubjectPrompts, evaluate_mmlu, stem_groups, tokenize_subject
 from lolcats.eval.mmlu_data import load_mmlu
 from lolcats.report import machine
 
@@ -104,39 +104,56 @@ def subset_speedup(model, tokenizer, data, batch_size: int, limit: int, repeats:
             "same_predictions": same, "max_logprob_diff": float((lp_f - lp_s).abs().max())}
 
 
+def _causal(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def work(prompts: SubjectPrompts, batch_size: int) -> dict[str, dict[str, int]]:
+    """What one subject costs the original (softmax) model, ``uncached`` (every prompt alone) and ``cached``
+    (as :func:`score_subject` runs it: the exemplars once, each shared question stem once, then right-padded
+    batches of questions sorted by length): ``tokens`` through the decoder (padding included), attended
+    (query, key) ``pairs`` per layer and query head, ``rows`` of logits, and ``mlp_skipped``, the tokens whose
+    last-layer MLP a cached batch does not run (it runs on one token per row)."""
+    p, rests = len(prompts.shared), prompts.rests
+    uncached = {"tokens": sum(p + len(r) for r in rests), "pairs": sum(_causal(p + len(r)) for r in rests),
+                "rows": len(rests), "mlp_skipped": 0}
+    cached = {"tokens": p, "pairs": _causal(p), "rows": 1, "mlp_skipped": 0}
+    for stem, group in stem_groups(rests):
+        if stem:  # a shared stem runs once on top of the exemplars; its questions then read both
+            cached["tokens"] += stem
+            cached["pairs"] += stem * p + _causal(stem)
+            cached["rows"] += 1
+        lengths = sorted(len(rests[i]) - stem for i in group)
+        for i in range(0, len(lengths), batch_size):
+            rows, width = len(lengths[i : i + batch_size]), max(lengths[i : i + batch_size])
+            cached["tokens"] += rows * width
+            cached["pairs"] += rows * (width * (p + stem) + _causal(width))
+            cached["rows"] += rows
+            cached["mlp_skipped"] += rows * (width - 1)
+    return {"uncached": uncached, "cached": cached}
+
+
 def flop_count(model, tokenizer, data, batch_size: int) -> dict:
-    """Multiply-add FLOPs the original (softmax) model needs for ``data``, cached+batched (as
-    ``evaluate_mmlu`` runs it: the exemplars once, each shared question stem once, then right-padded batches
-    of questions sorted by length) and uncached (every prompt alone): 2 per weight of the decoder's linear
-    maps per token, 4 · H · D per (query, key) pair per layer for attention, 2 · V · hidden per row of
-    logits; a cached batch runs the last layer's MLP on one token per row. Nothing else counted."""
+    """Multiply-add FLOPs the original (softmax) model needs for ``data``, cached+batched and uncached (see
+    :func:`work`): 2 per weight of the decoder's linear maps per token, 4 · H · D per (query, key) pair per
+    layer for attention, 2 · V · hidden per row of logits, less the last layer's MLP on the tokens a cached
+    batch skips. Nothing else counted."""
     head = model.get_output_embeddings()
 
     def linear_weights(module: torch.nn.Module) -> int:
         return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear) and m is not head)
 
     cfg = model.config
-    per_token, per_pair = 2 * linear_weights(model), 4 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
-    per_row, last_mlp = 2 * head.weight.numel(), 2 * linear_weights(model.get_decoder().layers[-1].mlp)
-
-    def causal(n: int) -> float:
-        return n * (n + 1) / 2
-
-    cached = uncached = 0.0
+    cost = {"tokens": 2 * linear_weights(model), "rows": 2 * head.weight.numel(),
+            "pairs": 4 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers,
+            "mlp_skipped": -2 * linear_weights(model.get_decoder().layers[-1].mlp)}
+    total = {"cached": 0.0, "uncached": 0.0}
     for subject in data.subjects:
         prompts = tokenize_subject(tokenizer, subject, data.dev[subject][:5], data.test[subject])
-        p = len(prompts.shared)
-        uncached += sum((p + len(r)) * per_token + causal(p + len(r)) * per_pair + per_row for r in prompts.rests)
-        cached += p * per_token + causal(p) * per_pair + per_row
-        for stem, group in stem_groups(prompts.rests):
-            # a shared stem runs once on top of the exemplars; its questions then read both
-            cached += stem * per_token + (stem * p + causal(stem)) * per_pair + per_row if stem else 0
-            lengths = sorted(len(prompts.rests[i]) - stem for i in group)
-            for i in range(0, len(lengths), batch_size):
-                rows, width = len(lengths[i : i + batch_size]), max(lengths[i : i + batch_size])
-                cached += rows * (width * per_token + (width * (p + stem) + causal(width)) * per_pair + per_row
-                                  - (width - 1) * last_mlp)
-    return {"cached_tflop": cached / 1e12, "uncached_tflop": uncached / 1e12, "ratio": uncached / cached}
+        for path, counts in work(prompts, batch_size).items():
+            total[path] += sum(cost[k] * n for k, n in counts.items())
+    return {"cached_tflop": total["cached"] / 1e12, "uncached_tflop": total["uncached"] / 1e12,
+            "ratio": total["uncached"] / total["cached"]}
 
 
 def matmul_rate(threads: int) -> float:
