@@ -63,7 +63,7 @@ def main() -> None:
         ap.error(str(e))
     model, tokenizer, _ = load_base(ModelConfig(name_or_path=args.model, device="cpu"))
     evaluate_mmlu(model, tokenizer, data.select(data.subjects[:1], 2), shots=5)  # warm-up
-    paths = {"uncached": dict.fromkeys(("seconds", *KINDS), 0.0), "cached": dict.fromkeys(("seconds", *KINDS), 0.0)}
+    paths = {path: dict.fromkeys(("seconds", *KINDS), 0.0) for path in ("uncached", "cached")}
     counts = {path: {"tokens": 0, "pairs": 0} for path in paths}
     for subject in data.subjects:
         sub = data.select([subject])
