@@ -75,10 +75,12 @@ def _prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
     lse_pre = lse_pre.view(hkv, g, b, t).permute(2, 0, 1, 3).reshape(b, h, t)
     # Each row against its own tokens, causally.
     o_own, lse_own = _attend_lse(query, key, value, True, scale, lolcats_fused)
-    # One normaliser over both parts.
-    lse = torch.logaddexp(lse_pre, lse_own)
-    out = o_pre * torch.exp(lse_pre - lse).unsqueeze(-1) + o_own * torch.exp(lse_own - lse).unsqueeze(-1)
-    return out.transpose(1, 2).to(query.dtype), None
+    # One normaliser over both parts: the prefix's share of it is exp(lse_pre) / (exp(lse_pre) + exp(lse_own)),
+    # one blend written straight into the (B, T, H, D) layout the caller wants.
+    share = torch.sigmoid(lse_pre - lse_own).unsqueeze(-1)
+    out = torch.empty(b, t, h, d, dtype=o_own.dtype, device=o_own.device)
+    torch.lerp(o_own, o_pre, share, out=out.transpose(1, 2))
+    return out.to(query.dtype), None
 
 
 AttentionInterface.register(NAME, _prefix_attention_forward)
