@@ -1,7 +1,7 @@
 """Where 5-shot MMLU's time goes on the original (softmax) model, cached+batched against uncached, by kind
 of work: the decoder's matmuls, the fused attention kernel, everything else (torch.profiler, self CPU time).
 
-    python scripts/profile_mmlu.py [--subjects …] [--limit 40] [--json docs/profile_mmlu.json]
+    python scripts/profile_mmlu.py [--subjects …] [--limit 70] [--json docs/profile_mmlu.json]
 
 Next to each kind's time it puts the work it scales with (:func:`bench_mmlu.work`): tokens for the
 matmuls and the rest, attended (query, key) pairs for attention. When a kind's time ratio
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_mmlu import SUBSET, work
+from bench_mmlu import SUBSET, SUBSET_LIMIT, work
 from torch.profiler import ProfilerActivity, profile
 
 from lolcats.checkpoint import load_base
@@ -50,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="lolcats:smollm2-135m-instruct")
     ap.add_argument("--subjects", nargs="+", default=list(SUBSET))
-    ap.add_argument("--limit", type=int, default=40, help="items per subject")
+    ap.add_argument("--limit", type=int, default=SUBSET_LIMIT, help="items per subject")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="docs/profile_mmlu.json")
