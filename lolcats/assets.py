@@ -12,7 +12,6 @@ written to a temporary folder and renamed into place, so an interrupted fetch ne
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lolcats.io import sha256_file
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -36,12 +37,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LOLCATS_CACHE", Path.home() / ".cache" / "lolcats")).expanduser()
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+sha256 = sha256_file
 
 
 @dataclass(frozen=True)
@@ -110,9 +106,13 @@ def gguf_to_safetensors(gguf: Path, out: Path, note: str = "") -> Path:
     if not gguf.exists():
         raise FileNotFoundError(f"GGUF file {gguf} does not exist")
     logger.info("expanding %s to %s (one time)", gguf.name, out)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # noqa: BLE001 (the gguf reader fails in many ways on a damaged file)
+        raise ValueError(f"GGUF file {gguf} could not be read ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                         "it is truncated, damaged or not a supported GGUF model: download it again") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype="float32")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 import warnings
 
 from tqdm import tqdm
@@ -107,8 +108,16 @@ def _export(args: argparse.Namespace) -> int:
 
     if not args.merge:
         raise ValueError("export writes a merged model; pass --merge (unmerged adapters already live in OUT_DIR/adapter)")
-    dest = export_merged(args.out_dir, args.to)
-    print(f"merged model written to {dest}")
+    dest = export_merged(args.out_dir, args.to, trust_remote_code=args.trust_remote_code)
+    print(f"merged model written to {dest} (check it later with `lolcats verify {dest}`)")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from lolcats.checkpoint import verify_export
+
+    n = verify_export(args.folder)
+    print(f"{args.folder}: all {n} files match the sha256 recorded when they were written")
     return 0
 
 
@@ -119,10 +128,10 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     from lolcats.checkpoint import load_model_any
     from lolcats.data import build_eval_windows
     from lolcats.eval.perplexity import token_metrics
-    from lolcats.training import atomic_write_text
+    from lolcats.io import atomic_write_text
 
-    model, tokenizer = load_model_any(args.model)
-    teacher = load_model_any(args.teacher)[0] if args.teacher else None
+    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
+    teacher = load_model_any(args.teacher, trust_remote_code=args.trust_remote_code)[0] if args.teacher else None
     chunks = build_eval_windows(args.data, tokenizer, args.seq_len, args.windows)
     r = token_metrics(model, chunks, teacher)
     print(f"perplexity {r['ppl']:.3f} over {len(chunks)} windows of {args.seq_len} tokens of {args.data} "
@@ -153,12 +162,12 @@ def _eval_mmlu(args: argparse.Namespace) -> int:
     from lolcats.convert import linearized_layers
     from lolcats.eval.mmlu import evaluate_mmlu, summary_table
     from lolcats.eval.mmlu_data import load_mmlu
-    from lolcats.training import atomic_write_text
+    from lolcats.io import atomic_write_text
 
     if not 0 <= args.shots <= 5:
         raise ValueError(f"--shots must be between 0 and 5, got {args.shots}")
     data = load_mmlu(args.data).select(args.subjects, args.limit)
-    model, tokenizer = load_model_any(args.model)
+    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
     cast_base(model, args.dtype)
     total = sum(len(v) for v in data.test.values())
     with tqdm(total=total, desc="mmlu", unit="q", dynamic_ncols=True) as bar:
@@ -183,11 +192,11 @@ def _eval_passkey(args: argparse.Namespace) -> int:
 
     from lolcats.checkpoint import load_model_any
     from lolcats.eval.passkey import heatmap, passkey_accuracy, table
-    from lolcats.training import atomic_write_text
+    from lolcats.io import atomic_write_text
 
     if args.trials < 1:
         raise ValueError(f"--trials must be at least 1, got {args.trials}")
-    model, tokenizer = load_model_any(args.model)
+    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
     total = len(args.lengths) * len(args.depths) * args.trials
     with tqdm(total=total, desc="passkey", unit="prompt", dynamic_ncols=True) as bar:
         result = passkey_accuracy(model, tokenizer, args.lengths, args.depths, args.trials, args.seed,
@@ -208,10 +217,10 @@ def _eval_harness(args: argparse.Namespace) -> int:
 
     from lolcats.checkpoint import load_model_any
     from lolcats.eval.lm_eval import run_harness, table
-    from lolcats.training import atomic_write_text
+    from lolcats.io import atomic_write_text
 
     tasks = [t for part in args.tasks for t in part.split(",") if t]
-    model, tokenizer = load_model_any(args.model)
+    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
     result = run_harness(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                          batch_size=args.batch_size, include_path=args.include_path)
     print(table(result))
@@ -231,7 +240,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if not args.prompt or not args.prompt.strip():
         raise ValueError("the prompt is empty; pass some text with --prompt")
-    model, tokenizer = load_model_any(args.model)
+    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
     streamer = TextStreamer(tokenizer, skip_prompt=True) if args.stream else None
     text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, do_sample=args.sample,
                          temperature=args.temperature, top_p=args.top_p, streamer=streamer,
@@ -241,8 +250,90 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: lolcats eval ppl: argument --seq-len: …``), exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive whole number (1 or more)")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def _float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = _float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1")
+    return value
+
+
+def _trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the base model's own Python code run (only for checkpoints you trust; never read "
+                        "from a file being loaded)")
+
+
+def describe_error(e: BaseException) -> tuple[str, int]:
+    """One line for any failure: ``<what> (<file>): <fix>`` and the exit code (2 expected, 1 a bug)."""
+    from json import JSONDecodeError
+
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        SafetensorError = OSError  # noqa: N806
+    line = " ".join(str(e).split())
+    if isinstance(e, (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, ImportError)) \
+            and not isinstance(e, (JSONDecodeError, UnicodeDecodeError)):
+        return line, 2
+    if isinstance(e, OSError):
+        what = e.strerror or line
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{what}{where}: check the path, its permissions and the free disk space", 2
+    if isinstance(e, SafetensorError):
+        return f"a safetensors file could not be read ({line}): it is truncated or damaged; restore it", 2
+    if isinstance(e, (JSONDecodeError, UnicodeDecodeError)):
+        return f"a file could not be parsed ({line}): it is damaged or not the expected kind of file", 2
+    return f"unexpected {type(e).__name__}: {line}; rerun with -v for the traceback and report it", 1
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lolcats", description="Linearize Hugging Face causal LMs (LoLCATs).")
+    parser = _Parser(prog="lolcats", description="Linearize Hugging Face causal LMs (LoLCATs).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -262,38 +353,45 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="recipe YAML, e.g. recipes/llama3_1_405b.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. blockwise.block_size=2")
         if name == "plan":
-            p.add_argument("--tokens", type=int, help="tokens to plan for (default: blockwise.tokens)")
+            p.add_argument("--tokens", type=_positive_int, help="tokens to plan for (default: blockwise.tokens)")
             p.add_argument("--model-config", help="a config.json (default: blockwise.model_config or the model folder)")
             p.add_argument("--json", help="also write the plan as JSON here")
         if name == "train":
-            p.add_argument("--blocks", type=int, nargs="+", help="only these blocks (default: all)")
+            p.add_argument("--blocks", type=_nonneg_int, nargs="+", help="only these blocks (default: all)")
         p.set_defaults(func=_blockwise)
 
     p = sub.add_parser("export", help="write a self-contained merged model")
     p.add_argument("out_dir")
     p.add_argument("--merge", action="store_true", help="merge LoRA into the base weights")
     p.add_argument("--to", required=True, help="destination folder")
+    _trust_flag(p)
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("verify", help="check an out_dir or exported model against its recorded sha256 checksums")
+    p.add_argument("folder")
+    p.set_defaults(func=_verify)
 
     p = sub.add_parser("generate", help="generate text (constant-memory decoding for linearized models)")
     p.add_argument("model", help="an out_dir, an exported folder, an HF folder or id, or a .gguf file")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=_positive_float, default=1.0)
+    p.add_argument("--top-p", type=_unit_float, default=1.0)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    _trust_flag(p)
     p.set_defaults(func=_generate)
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_command", required=True)
     p = ev.add_parser("ppl", help="held-out perplexity over fixed windows, by position bucket; KL to a teacher")
     p.add_argument("model", help="an out_dir, an HF folder or id, or a .gguf file")
     p.add_argument("--data", default="lolcats:moby_dick")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--windows", type=int, default=6)
+    p.add_argument("--seq-len", type=_positive_int, default=1024)
+    p.add_argument("--windows", type=_positive_int, default=6)
     p.add_argument("--teacher", help="a reference model (e.g. the original): adds KL(teacher‖model) and top-1 agreement")
     p.add_argument("--out", help="write the result JSON here")
+    _trust_flag(p)
     p.set_defaults(func=_eval_ppl)
 
     p = ev.add_parser("mmlu", help="few-shot MMLU (cached subject prefixes, batched questions)")
@@ -301,34 +399,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="lolcats:mmlu",
                    help="lolcats:mmlu (offline default), hf:cais/mmlu, a Hendrycks folder (dev/, test/) or a .jsonl")
     p.add_argument("--shots", type=int, default=5, help="0-5 exemplars")
-    p.add_argument("--limit", type=int, help="at most this many scored items per subject")
+    p.add_argument("--limit", type=_positive_int, help="at most this many scored items per subject")
     p.add_argument("--subjects", nargs="+", help="subjects to run (spaces or underscores)")
-    p.add_argument("--batch-size", type=int, default=4,
+    p.add_argument("--batch-size", type=_positive_int, default=4,
                    help="questions per forward pass (4 was fastest on a 2-core CPU; GPUs want more)")
     p.add_argument("--no-cache", action="store_true", help="run every prompt alone from scratch (slow reference)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="base weights' dtype (bfloat16 is several times faster on CPUs with AMX)")
     p.add_argument("--out", help="write the result JSON here")
+    _trust_flag(p)
     p.set_defaults(func=_eval_mmlu)
 
     p = ev.add_parser("passkey", help="long-context retrieval of a number hidden in filler text")
     p.add_argument("model", help="an out_dir, an exported folder, an HF folder or id, or a .gguf file")
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="prompt tokens")
-    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+    p.add_argument("--lengths", type=_positive_int, nargs="+", default=[512, 1024, 2048, 4096], help="prompt tokens")
+    p.add_argument("--depths", type=_unit_float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                    help="fraction of the filler before the needle")
-    p.add_argument("--trials", type=int, default=2, help="random keys per (length, depth)")
+    p.add_argument("--trials", type=_positive_int, default=2, help="random keys per (length, depth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="passkey", help="folder for passkey.json and passkey.png")
+    _trust_flag(p)
     p.set_defaults(func=_eval_passkey)
 
     p = ev.add_parser("harness", help="lm-eval harness tasks on the (linearized) model (extra `eval`)")
     p.add_argument("model", help="an out_dir, an exported folder, an HF folder or id, or a .gguf file")
     p.add_argument("--tasks", nargs="+", required=True, help="e.g. piqa arc_easy arc_challenge hellaswag winogrande")
-    p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--limit", type=int, help="items per task")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--num-fewshot", type=_nonneg_int)
+    p.add_argument("--limit", type=_positive_int, help="items per task")
+    p.add_argument("--batch-size", type=_positive_int, default=1)
     p.add_argument("--include-path", help="a folder of extra task YAMLs (local data)")
     p.add_argument("--out", help="write the result JSON here")
+    _trust_flag(p)
     p.set_defaults(func=_eval_harness)
     return parser
 
@@ -345,14 +446,15 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as e:
-        if args.verbose:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 (the CLI turns every failure into one line; -v shows the traceback)
+        if args.verbose:
+            raise
+        message, code = describe_error(e)
+        print(f"error: {message}", file=sys.stderr)
+        return code
     finally:
         distributed.shutdown()
 

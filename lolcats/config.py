@@ -19,6 +19,16 @@ def _choice(name: str, value: object, choices: typing.Iterable[str]) -> None:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
 
 
+def _number(name: str, value: float, low: float = 0.0, strict: bool = False, high: float | None = None) -> None:
+    """A finite number >= low (> low when ``strict``) and, when given, <= high; the message names the key."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if strict else value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        raise ValueError(f"{name}={value!r} must be a finite number {bound}" + (f" and <= {high:g}" if high else "")
+                         + f"; fix {name} in the recipe or its override")
+
+
 def _positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -218,8 +228,11 @@ class DistillConfig:
         for name in ("grad_accum", "eval_every", "checkpoint_every", "plateau_patience"):
             _positive(f"distill.{name}", getattr(self, name))
         _choice("distill.scheduler", self.scheduler, ("plateau", "constant"))
-        if self.lr <= 0:
-            raise ValueError(f"distill.lr={self.lr} must be > 0")
+        _number("distill.lr", self.lr, strict=True)
+        _number("distill.min_lr", self.min_lr)
+        _number("distill.plateau_factor", self.plateau_factor, strict=True, high=1.0)
+        for name in ("weight_decay", "mse_scale", "attention_ce_weight", "max_grad_norm", "epochs"):
+            _number(f"distill.{name}", getattr(self, name))
 
 
 @dataclass
@@ -255,6 +268,10 @@ class LoraConfig:
             _positive(f"lora.{name}", getattr(self, name))
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        _number("lora.lr", self.lr, strict=True)
+        _number("lora.alpha", self.alpha, strict=True)
+        for name in ("weight_decay", "max_grad_norm", "epochs"):
+            _number(f"lora.{name}", getattr(self, name))
 
 
 @dataclass
@@ -320,6 +337,15 @@ class LolcatsConfig:
     blockwise: BlockwiseConfig = field(default_factory=BlockwiseConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.out_dir, str) or not self.out_dir.strip():
+            raise ValueError(f"out_dir={self.out_dir!r} is empty; set out_dir to a folder for the run's results "
+                             "(e.g. out_dir=out/my_run)")
+        for name in ("seed", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a non-negative integer")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -334,29 +360,54 @@ class LolcatsConfig:
         return from_dict(cls, data)
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
+def _yaml(text: str, where: str) -> Any:
     import yaml
 
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{where} is not valid YAML{at} ({problem}); fix the syntax") from None
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like key=value, e.g. distill.max_steps=10")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ValueError(f"override {text!r} has an empty key; write section.key=value, e.g. distill.max_steps=10")
+    return keys, _yaml(raw, f"override {text!r}") if raw.strip() else ""
+
+
+REQUIRED = (("out_dir",), ("model", "name_or_path"))
 
 
 def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> LolcatsConfig:
-    """Read a recipe YAML (or start from defaults) and apply ``key=value`` overrides (dotted keys)."""
+    """Read a recipe YAML and apply ``key=value`` overrides (dotted keys).
+
+    The recipe (with its overrides) must name at least ``out_dir`` and ``model.name_or_path``: an empty
+    recipe never silently runs a default job. With ``path`` None the overrides alone are the recipe.
+    """
     from pathlib import Path
 
-    import yaml
-
     data: dict[str, Any] = {}
+    where = "the overrides"
     if path is not None:
-        p = Path(path)
+        p = Path(path).expanduser()
         if not p.is_file():
             raise FileNotFoundError(f"recipe {path} does not exist; see recipes/ for the shipped ones")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"recipe {path} is not a text file; give a YAML recipe such as "
+                             "recipes/smollm2_135m.yaml") from None
+        data = _yaml(text, f"recipe {path}") or {}
         if not isinstance(data, dict):
             raise ValueError(f"recipe {path} must be a YAML mapping at the top level")
+        where = f"recipe {path}"
     for text in overrides:
         keys, value = _parse_override(text)
         node = data
@@ -365,4 +416,14 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
             if not isinstance(node, dict):
                 raise ValueError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value
+    missing = []
+    for keys in REQUIRED:
+        node: Any = data
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        if node is None:
+            missing.append(".".join(keys))
+    if missing:
+        raise ValueError(f"{where} does not name {' and '.join(missing)}; every recipe sets at least out_dir and "
+                         "model.name_or_path (see recipes/tiny_llama.yaml)")
     return LolcatsConfig.from_dict(data)

@@ -36,6 +36,9 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
 
 
 def _record_to_document(record: dict, where: str) -> Document:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object such as {{\"text\": \"...\"}} or an Alpaca record, got "
+                         f"a {type(record).__name__}; write one object per line")
     if "instruction" in record and "output" in record:
         return Document(text=str(record["output"]), prompt=alpaca_prompt(record["instruction"], record.get("input", "")))
     if "text" in record:
@@ -44,25 +47,41 @@ def _record_to_document(record: dict, where: str) -> Document:
                      f"got keys {sorted(record)}")
 
 
+def _text(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text (a binary file?); training data must be .txt, .jsonl or .json "
+                         "text files") from None
+    if "\x00" in text:
+        raise ValueError(f"{path} holds NUL bytes (a binary file?); training data must be .txt, .jsonl or .json text")
+    return text
+
+
 def _read_file(path: Path) -> list[Document]:
     if path.suffix == ".txt":
-        return [Document(text=path.read_text(encoding="utf-8"))]
+        return [Document(text=_text(path))]
     if path.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(_text(path).splitlines(), 1):
             if line.strip():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); a .jsonl file holds one JSON object per "
+                                     "line, e.g. {\"text\": \"...\"} (CSV is not read)") from None
                 docs.append(_record_to_document(record, f"{path}:{i}"))
         return docs
     if path.suffix == ".json":
-        records = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            records = json.loads(_text(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); give a JSON list of records") from None
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of records")
         return [_record_to_document(r, f"{path}[{i}]") for i, r in enumerate(records)]
-    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl or .json")
+    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl or .json (convert CSV to "
+                     "JSONL, one object per line)")
 
 
 def resolve_source(spec: str) -> Path | str:

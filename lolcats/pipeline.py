@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -18,14 +19,24 @@ import torch
 from lolcats import distributed
 from lolcats.checkpoint import (
     ADAPTER_DIR,
+    ADAPTER_WEIGHTS,
     ATTENTION_FILE,
+    CONFIG_FILE,
+    FORMAT_VERSION,
     CheckpointError,
+    base_config,
+    config_sha256,
     fingerprint,
+    is_run_dir,
+    load_adapter_weights,
     load_attention,
     load_base,
+    load_tokenizer,
     pick_device,
     read_run_config,
+    save_adapter,
     save_attention,
+    verify_files,
     versions,
     write_run_config,
 )
@@ -36,8 +47,8 @@ from lolcats.distill import heldout_attention_mse, run_stage1
 from lolcats.eval.perplexity import perplexity
 from lolcats.finetune import add_lora, lora_parameters, run_stage2
 from lolcats.generate import generate_text
+from lolcats.io import append_jsonl, atomic_write_text, sha256_file
 from lolcats.report import plot_mse, write_report
-from lolcats.training import atomic_write_text
 
 logger = logging.getLogger(__name__)
 REPORT_FILE = "report.md"
@@ -75,8 +86,7 @@ class _Metrics:
         self.path = path
 
     def __call__(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        append_jsonl(self.path, {"time": round(time.time(), 3), **record})
 
 
 class _Cached:
@@ -84,7 +94,11 @@ class _Cached:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        try:
+            self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            logger.warning("%s is damaged; measuring again", path)
+            self.data = {}
 
     def get(self, key: str, compute: Callable[[], Any]) -> Any:
         if key not in self.data:
@@ -94,36 +108,125 @@ class _Cached:
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in ("out_dir", "threads", "report")}
+    """The config a resumed run must share; the base itself is compared by fingerprint, not by name."""
+    out = {k: v for k, v in cfg.items() if k not in ("out_dir", "threads", "report")}
+    out["model"] = {k: v for k, v in out.get("model", {}).items() if k != "name_or_path"}
+    return out
 
 
-def prepare_out_dir(out: Path, cfg: LolcatsConfig, fp: str, overwrite: bool) -> None:
-    """Refuse an out_dir holding another run (other base or config) unless ``overwrite``."""
+# what a run writes into its out_dir; a run that never finished a training step may be started again
+# with another config, and these are what is removed then
+RUN_FILES = ("train_state", "metrics.jsonl", REPORT_FILE, "attention_mse.png", CONFIG_FILE)
+
+
+def _protected(path: Path) -> str | None:
+    """Why ``--overwrite`` must never delete ``path`` (the root, home, the working folder or one above
+    it, a git repository, this package's own folder), or None."""
+    p = path.resolve()
+    home, cwd = Path.home().resolve(), Path.cwd().resolve()
+    package_root = Path(__file__).resolve().parents[1]
+    if p == Path(p.anchor):
+        return "it is the file-system root"
+    if p == home or p in home.parents:
+        return "it is your home folder or holds it"
+    if p == cwd or p in cwd.parents:
+        return "it is the current folder or holds it"
+    if p == package_root or p in package_root.parents:
+        return "it holds the lolcats installation"
+    if (p / ".git").exists():
+        return "it is a git repository"
+    return None
+
+
+def _trained(out: Path) -> bool:
+    """True once any training step of the run in ``out`` has finished (something would be lost)."""
+    state = out / "train_state"
+    return ((out / ATTENTION_FILE).exists() or (out / ADAPTER_DIR).exists() or (out / "blockwise").exists()
+            or any(state.glob("*/LATEST")) or any(state.glob("*/DONE")) or any(state.glob("*/step-*")))
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Checks of ``out_dir`` that need no model: a folder (or nothing) under a writable parent, and
+    ``--overwrite`` only where it deletes a lolcats run and nothing else."""
+    if str(out).strip() in ("", "."):
+        if overwrite:
+            raise CheckpointError(f"out_dir={str(out)!r} with --overwrite would delete the current folder; "
+                                  "set out_dir to a folder of its own")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"out_dir {out} is an existing file; choose a folder for out_dir")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"out_dir {out} cannot be written ({parent} is not writable); choose an out_dir "
+                              "in a folder you can write to")
     if overwrite and out.exists():
+        why = _protected(out)
+        if why:
+            raise CheckpointError(f"--overwrite refuses to delete out_dir {out}: {why}; set out_dir to a folder "
+                                  "of its own")
+        if any(out.iterdir()) and not is_run_dir(out):
+            raise CheckpointError(f"--overwrite deletes only a folder holding a lolcats run ({CONFIG_FILE}); "
+                                  f"{out} holds other files: choose another out_dir or empty it yourself")
+
+
+def plan_out_dir(out: Path, cfg: LolcatsConfig, config_sha: str, overwrite: bool) -> str:
+    """What to do with ``out`` before writing: ``new``, ``resume``, ``restart`` (a run that never
+    finished a training step, started again with this config) or ``overwrite``. Raises, writing
+    nothing, when ``out`` holds another run that has trained."""
+    check_out_dir(out, overwrite)
+    if not out.exists() or not any(out.iterdir()):
+        return "new"
+    if overwrite:
+        return "overwrite"
+    try:
+        record = read_run_config(out)
+    except CheckpointError as e:
+        raise CheckpointError(f"out_dir {out} holds an unreadable run record: {e}") from None
+    if record is None:
+        # a block-by-block run in progress (blocks, stitched attention) may go on into stage 2
+        if {p.name for p in out.iterdir()} - {"blockwise", ATTENTION_FILE, "train_state"}:
+            raise CheckpointError(f"out_dir {out} is not empty and holds no lolcats run; choose another out_dir")
+        return "resume"
+    base = record["base_model"]
+    old, new = _comparable(record["config"]), _comparable(cfg.to_dict())
+    same_base = base.get("config_sha256") in (None, config_sha)
+    if not _trained(out):
+        return "resume" if same_base and old == new and record["format_version"] == FORMAT_VERSION else "restart"
+    if record["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"out_dir {out} was written by an older lolcats (format {record['format_version']}, "
+                              "no checksums): it loads and evaluates as is, but cannot be resumed; choose another "
+                              "out_dir or pass --overwrite to run again")
+    if not same_base:
+        raise CheckpointError(
+            f"out_dir {out} holds a run on another base model ({base.get('name_or_path')}) than "
+            f"{cfg.model.name_or_path} (their configs differ); choose another out_dir or pass --overwrite")
+    if old != new:
+        diff = sorted(_diff_keys(old, new))
+        raise CheckpointError(f"out_dir {out} holds a run with another config (differs in {', '.join(diff[:3])}); "
+                              "choose another out_dir or pass --overwrite")
+    return "resume"
+
+
+def apply_out_dir_plan(out: Path, action: str, fp: str) -> dict[str, str]:
+    """Carry out :func:`plan_out_dir`'s decision once the model is loaded and its fingerprint known;
+    returns the checksums of result files already written (a resumed run)."""
+    record = read_run_config(out) if action == "resume" else None
+    if record is not None and record["base_model"]["fingerprint"] != fp:
+        raise CheckpointError(
+            f"out_dir {out} holds a run on another base model ({record['base_model']['name_or_path']}, fingerprint "
+            f"{record['base_model']['fingerprint'][:16]}…) than this one (fingerprint {fp[:16]}…); choose "
+            "another out_dir or pass --overwrite")
+    if action == "overwrite":
         shutil.rmtree(out)
-    if out.exists() and any(out.iterdir()):
-        try:
-            record = read_run_config(out)
-        except (CheckpointError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"out_dir {out} holds an unreadable checkpoint ({e}); pass --overwrite") from None
-        if record is None:
-            # a block-by-block run in progress (blocks, stitched attention) may go on into stage 2
-            if {p.name for p in out.iterdir()} - {"blockwise", ATTENTION_FILE, "train_state"}:
-                raise CheckpointError(f"out_dir {out} is not empty and holds no lolcats run; choose another out_dir "
-                                      "or pass --overwrite")
-            out.mkdir(parents=True, exist_ok=True)
-            return
-        if record["base_model"]["fingerprint"] != fp:
-            raise CheckpointError(
-                f"out_dir {out} holds a run on another base model ({record['base_model']['name_or_path']}, "
-                f"fingerprint {record['base_model']['fingerprint'][:16]}…) than {cfg.model.name_or_path} "
-                f"(fingerprint {fp[:16]}…); choose another out_dir or pass --overwrite")
-        old, new = _comparable(record["config"]), _comparable(cfg.to_dict())
-        if old != new:
-            diff = sorted(_diff_keys(old, new))
-            raise CheckpointError(f"out_dir {out} holds a run with another config (differs in {', '.join(diff[:3])}); "
-                                  "choose another out_dir or pass --overwrite")
+    elif action == "restart":
+        logger.info("%s held a run that never finished a training step; starting it again with this config", out)
+        for name in RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    return dict(record.get("files", {})) if record else {}
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -134,6 +237,25 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif a.get(k) != b.get(k):
             keys.append(f"{prefix}{k}")
     return keys
+
+
+def mark_stage_done(done: Path, info: dict[str, Any]) -> None:
+    """Mark a stage finished: ``train_state/<stage>/DONE`` holds its summary and the sha256 of what it wrote."""
+    done.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(done, json.dumps(info))
+
+
+def finished_stage(done: Path, out: Path, result_file: str) -> dict[str, Any]:
+    """A finished stage's summary, after checking its result file still has the sha256 recorded then."""
+    try:
+        info = json.loads(done.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{done} is damaged ({e}); delete it to train that stage again") from None
+    if not isinstance(info, dict) or "sha256" not in info:
+        raise CheckpointError(f"{done} records no sha256 of {result_file} (an older lolcats wrote it); delete it to "
+                              "train that stage again, or pass --overwrite")
+    verify_files(out, {result_file: info["sha256"]})
+    return info
 
 
 def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | None = None) -> RunResult:
@@ -147,10 +269,26 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir).expanduser()
     state = out / "train_state"
-    model, tokenizer, resolved = load_base(cfg.model)
+    # everything that can be checked without the model is checked before it loads and before anything is
+    # written: the base's config, the tokenizer, every data source, and what out_dir holds
+    resolved, hf_config = base_config(cfg.model)
+    tokenizer = load_tokenizer(resolved, cfg.model.trust_remote_code)
+    d = cfg.data
+    train, heldout = build_train_data(d.train, tokenizer, d.seq_len, d.heldout_chunks, before=d.train_filter,
+                                      max_train_chunks=d.max_train_chunks)
+    report = cfg.report.enabled and main
+    if report:
+        in_dom = (heldout if d.eval_in_domain == "heldout" else
+                  build_eval_windows(d.eval_in_domain, tokenizer, d.seq_len, d.eval_windows,
+                                     from_=d.eval_in_domain_filter))
+        ood = build_eval_windows(d.eval_out_of_domain, tokenizer, d.seq_len, d.eval_windows)
+    config_sha = config_sha256(hf_config)
+    action = plan_out_dir(out, cfg, config_sha, overwrite)
+    model, _, _ = load_base(cfg.model)
     fp = fingerprint(model)
+    files: dict[str, str] = {}
     if main:
-        prepare_out_dir(out, cfg, fp, overwrite)
+        files = apply_out_dir_plan(out, action, fp)
         state.mkdir(exist_ok=True)
     distributed.barrier()
     source = Path(resolved) / "SOURCE.json"
@@ -158,28 +296,20 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
     record = {
         "status": "running", "config": cfg.to_dict(),
         "base_model": {"name_or_path": cfg.model.name_or_path, "resolved": resolved, "fingerprint": fp,
-                       "class": type(model).__name__, "model_type": model.config.model_type, "note": source_note},
-        "versions": versions(),
+                       "config_sha256": config_sha, "class": type(model).__name__,
+                       "model_type": model.config.model_type, "note": source_note},
+        "versions": versions(), "files": files,
     }
     if main:
         write_run_config(out, record)
     log = _Metrics(out / "metrics.jsonl") if main else (lambda record: None)
     cached = _Cached(state / "evals.json")
-    report = cfg.report.enabled and main
 
-    d = cfg.data
-    train, heldout = build_train_data(d.train, tokenizer, d.seq_len, d.heldout_chunks, before=d.train_filter,
-                                      max_train_chunks=d.max_train_chunks)
     cfg = dataclasses.replace(
         cfg, distill=dataclasses.replace(cfg.distill, max_steps=cfg.steps(cfg.distill, len(train))),
         lora=dataclasses.replace(cfg.lora, max_steps=cfg.steps(cfg.lora, len(train))))
     evals: dict[str, dict[str, float]] = {}
     if report:
-        in_dom = (heldout if d.eval_in_domain == "heldout" else
-                  build_eval_windows(d.eval_in_domain, tokenizer, d.seq_len, d.eval_windows,
-                                     from_=d.eval_in_domain_filter))
-        ood = build_eval_windows(d.eval_out_of_domain, tokenizer, d.seq_len, d.eval_windows)
-
         def measure(key: str, window: int | None = None) -> None:
             evals[key] = cached.get(key, lambda: {"in_domain": perplexity(model, in_dom, window),
                                                   "out_of_domain": perplexity(model, ood, window)})
@@ -199,8 +329,8 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
     trainable1 = sum(p.numel() for p in trainable_attention_parameters(model).values())
     done1 = state / "stage1" / "DONE"
     if done1.exists():
+        stages["stage1"] = finished_stage(done1, out, ATTENTION_FILE)
         load_attention(model, out / ATTENTION_FILE)
-        stages["stage1"] = json.loads(done1.read_text())
     else:
         progress.start("stage1", cfg.distill.max_steps)
         result = run_stage1(model, train, heldout, cfg.distill, state / "stage1", cfg.seed, log, progress.update)
@@ -209,7 +339,11 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
                             "seconds": result.seconds, "best_step": result.best_step, "best_eval": result.best_eval}
         if main:
             save_attention(model, out / ATTENTION_FILE)
-            atomic_write_text(done1, json.dumps(stages["stage1"]))
+            stages["stage1"]["sha256"] = sha256_file(out / ATTENTION_FILE)
+            mark_stage_done(done1, stages["stage1"])
+    if main:
+        record["files"][ATTENTION_FILE] = stages["stage1"]["sha256"]
+        write_run_config(out, record)
     if report:
         measure("stage1")
         mse_after = cached.get("mse_after", lambda: heldout_attention_mse(model, heldout))
@@ -219,13 +353,9 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
     if cfg.lora.max_steps > 0:
         final = add_lora(model, cfg.lora, cfg.seed)
         done2 = state / "stage2" / "DONE"
-        adapter = out / ADAPTER_DIR
         if done2.exists():
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(final, load_file(str(adapter / "adapter_model.safetensors")))
-            stages["stage2"] = json.loads(done2.read_text())
+            stages["stage2"] = finished_stage(done2, out, ADAPTER_WEIGHTS)
+            load_adapter_weights(final, out)
         else:
             trainable2 = sum(p.numel() for p in lora_parameters(final).values())
             progress.start("stage2", cfg.lora.max_steps)
@@ -235,12 +365,11 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
                                 "seconds": result.seconds, "best_step": result.best_step,
                                 "best_eval": result.best_eval}
             if main:
-                tmp = out / f".{ADAPTER_DIR}.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                final.save_pretrained(str(tmp))
-                shutil.rmtree(adapter, ignore_errors=True)
-                tmp.rename(adapter)
-                atomic_write_text(done2, json.dumps(stages["stage2"]))
+                stages["stage2"]["sha256"] = save_adapter(final, out)
+                mark_stage_done(done2, stages["stage2"])
+        if main:
+            record["files"][ADAPTER_WEIGHTS] = stages["stage2"]["sha256"]
+            write_run_config(out, record)
         final.eval()
         if report:
             model = final

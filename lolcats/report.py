@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lolcats.eval.perplexity import gap_closure
-from lolcats.training import atomic_write_text
+from lolcats.io import atomic_write_text
 
 ROWS = [
     ("original", "original (softmax)"),

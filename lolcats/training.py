@@ -11,54 +11,29 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lolcats import distributed
 from lolcats.data import Chunks, epoch_order
+from lolcats.io import atomic_save_safetensors, atomic_write_text, fault_point, fault_scope, sha256_file
 
 logger = logging.getLogger(__name__)
 
 
+CHECKSUMS = "checksums.json"
+CHECKPOINT_FILES = ("weights.safetensors", "trainer.pt")
+
+
 class TrainingError(RuntimeError):
     """A stage stopped (e.g. a non-finite loss); the message says where the last good checkpoint is."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _fault(stage: str, micro_step: int, where: str) -> None:
-    """Fault injection for tests: ``LOLCATS_FAULT=kill@stage1:5`` SIGKILLs this process before micro-step
-    5 of stage1; ``nan@stage2:3`` makes that micro-step's loss NaN."""
-    spec = os.environ.get("LOLCATS_FAULT", "")
-    if not spec:
-        return
-    kind, _, at = spec.partition("@")
-    if at == f"{stage}:{micro_step}" and kind == where:
-        if kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _nan_fault(stage: str, micro_step: int) -> bool:
-    return os.environ.get("LOLCATS_FAULT", "") == f"nan@{stage}:{micro_step}"
 
 
 @dataclass
@@ -155,42 +130,78 @@ class Trainer:
             distributed.barrier()
 
     def _save(self) -> None:
-        final = self.dir / f"step-{self.step:08d}"
-        tmp = self.dir / f".step-{self.step:08d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file({k: v.contiguous().cpu() for k, v in self._weights().items()}, str(tmp / "weights.safetensors"))
-        torch.save({
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "rng": torch.get_rng_state(),
-            "step": self.step, "tokens": self.tokens, "seconds": self.seconds,
-            "best_eval": self.best_eval, "best_step": self.best_step,
-            "history": json.dumps(self.history),
-        }, tmp / "trainer.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_text(self.dir / "LATEST", final.name)
-        for old in self.dir.glob("step-*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        """``step-N/`` holds weights, trainer state and their sha256 (``checksums.json``, written last);
+        ``LATEST`` names it. The previous checkpoint stays until this one is complete, so a checkpoint
+        damaged on disk falls back to the one before it."""
+        with fault_scope(f"{self.spec.name}:save{self.step}"):
+            final = self.dir / f"step-{self.step:08d}"
+            tmp = self.dir / f".step-{self.step:08d}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            atomic_save_safetensors(self._weights(), tmp / "weights.safetensors")
+            fault_point("trainer.pt:begin")
+            torch.save({
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "rng": torch.get_rng_state(),
+                "step": self.step, "tokens": self.tokens, "seconds": self.seconds,
+                "best_eval": self.best_eval, "best_step": self.best_step,
+                "history": json.dumps(self.history),
+            }, tmp / "trainer.pt")
+            atomic_write_text(tmp / CHECKSUMS, json.dumps({n: sha256_file(tmp / n) for n in CHECKPOINT_FILES}))
+            shutil.rmtree(final, ignore_errors=True)
+            fault_point("step-dir:before-rename")
+            tmp.rename(final)
+            atomic_write_text(self.dir / "LATEST", final.name)
+            keep = {final.name, *self._checkpoints()[-2:]}
+            for old in self.dir.glob("step-*"):
+                if old.name not in keep:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def _checkpoints(self) -> list[str]:
+        """Complete checkpoint folders, oldest first."""
+        return sorted(p.name for p in self.dir.glob("step-*") if (p / CHECKSUMS).exists())
+
+    def _verify(self, ckpt: Path) -> str | None:
+        """Why checkpoint ``ckpt`` cannot be used, or None when every file matches its sha256."""
+        try:
+            sums = json.loads((ckpt / CHECKSUMS).read_text())
+        except (OSError, ValueError) as e:
+            return f"{ckpt / CHECKSUMS} is unreadable ({e})"
+        for name in CHECKPOINT_FILES:
+            if not (ckpt / name).exists():
+                return f"{ckpt / name} is missing"
+            if sha256_file(ckpt / name) != sums.get(name):
+                return f"{ckpt / name} is damaged (sha256 differs from the one recorded when it was written)"
+        return None
 
     def resume(self) -> bool:
+        """Restore the newest checkpoint that verifies; say so when a damaged newer one is skipped."""
         latest = self.dir / "LATEST"
-        if not latest.exists():
-            return False
-        ckpt = self.dir / latest.read_text().strip()
-        self._load_weights(ckpt / "weights.safetensors")
-        state = torch.load(ckpt / "trainer.pt", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        self.step, self.tokens, self.seconds = state["step"], state["tokens"], state["seconds"]
-        self.best_eval, self.best_step = state["best_eval"], state["best_step"]
-        self.history = json.loads(state["history"])
-        logger.info("%s: resumed at optimizer step %d from %s", self.spec.name, self.step, ckpt)
-        return True
+        names = self._checkpoints()
+        if latest.exists() and latest.read_text().strip() not in names and (self.dir / latest.read_text().strip()).is_dir():
+            names.append(latest.read_text().strip())  # written by an older lolcats: no checksums
+        for name in reversed(names):
+            ckpt = self.dir / name
+            why = self._verify(ckpt) if (ckpt / CHECKSUMS).exists() else None
+            if why is not None:
+                logger.warning("%s: resume checkpoint %s is unusable: %s; falling back to the one before it",
+                               self.spec.name, name, why)
+                continue
+            self._load_weights(ckpt / "weights.safetensors")
+            state = torch.load(ckpt / "trainer.pt", weights_only=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler and state["scheduler"] is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            self.step, self.tokens, self.seconds = state["step"], state["tokens"], state["seconds"]
+            self.best_eval, self.best_step = state["best_eval"], state["best_step"]
+            self.history = json.loads(state["history"])
+            logger.info("%s: resumed at optimizer step %d from %s", self.spec.name, self.step, ckpt)
+            return True
+        if names:
+            logger.warning("%s: no resume checkpoint in %s verifies; starting the stage again", self.spec.name, self.dir)
+        return False
 
     # -------------------------------------------------------------------------------- loop
     def _batch(self, micro_step: int) -> tuple[Tensor, Tensor]:
@@ -204,6 +215,8 @@ class Trainer:
             self.best_eval, self.best_step = loss, self.step
             if self.main:
                 atomic_save_safetensors(self._weights(), self.dir / "best.safetensors")
+                atomic_write_text(self.dir / "best.json", json.dumps(
+                    {"step": self.step, "sha256": sha256_file(self.dir / "best.safetensors")}))
             if self.dp:
                 distributed.barrier()
         if self.scheduler:
@@ -231,10 +244,10 @@ class Trainer:
                 if micro % size != rank:  # data parallel: this rank's share of the global batch
                     continue
                 micro_step = self.step * spec.grad_accum + micro
-                _fault(spec.name, micro_step, "kill")
+                fault_point(f"{spec.name}:micro{micro_step}")
                 input_ids, labels = self._batch(micro_step)
                 loss, extra = spec.loss_fn(input_ids, labels)
-                if _nan_fault(spec.name, micro_step):
+                if fault_point(f"{spec.name}:micro{micro_step}:loss"):  # a test asks for a non-finite loss here
                     loss = loss * float("nan")
                 if not self.dp and not torch.isfinite(loss):
                     raise TrainingError(
@@ -273,7 +286,12 @@ class Trainer:
         if (self.dir / "best.safetensors").exists() and self.best_step != self.step:
             logger.info("%s: restoring best held-out checkpoint (step %d, loss %.4g)", spec.name,
                         self.best_step, self.best_eval)
-            self._load_weights(self.dir / "best.safetensors")
+            best = self.dir / "best.safetensors"
+            record = json.loads((self.dir / "best.json").read_text()) if (self.dir / "best.json").exists() else {}
+            if record.get("sha256", sha256_file(best)) != sha256_file(best):
+                raise TrainingError(f"{best} is damaged (sha256 differs from the one recorded when it was written); "
+                                    f"delete {self.dir} to train the stage again")
+            self._load_weights(best)
         return StageResult(self.step, self.tokens, self.seconds, self.best_step, self.best_eval, self.history)
 
     def _reduce(self, params: list[nn.Parameter], total: float, extras: dict[str, float], tokens: int

@@ -89,7 +89,7 @@ def main() -> None:
     }
     from lolcats.blockwise.stitch import merge_blocks
     from lolcats.config import load_config
-    from lolcats.training import atomic_save_safetensors
+    from lolcats.io import atomic_save_safetensors
 
     merged, results = merge_blocks(load_config(args.recipe, bw))
     atomic_save_safetensors(merged, work / "blockwise_attention.safetensors")

@@ -135,8 +135,8 @@ def test_killed_block_resumes_to_the_same_weights(assets, tmp_path):
     blockwise.train(ref, blocks=[1])
     path = recipe(assets, tmp_path / "killed", hidden_dir=hidden)
     cmd = [sys.executable, "-m", "lolcats.cli", "blockwise", "train", str(path), "--blocks", "1"]
-    killed = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LOLCATS_FAULT": "kill@block1:5"},
-                            cwd=REPO, timeout=300)
+    entry = [sys.executable, str(REPO / "tests" / "fault_entry.py"), "kill", "block1:micro5", "--"]
+    killed = subprocess.run([*entry, *cmd[3:]], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert killed.returncode == -9
     assert not (tmp_path / "killed" / "blockwise" / "block-001" / "result.json").exists()
     resumed = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)

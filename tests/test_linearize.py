@@ -37,7 +37,11 @@ def test_out_dir_layout_and_report(finished):
     out = root / "out"
     assert EXPECTED_FILES <= {p.name for p in out.iterdir()}
     record = json.loads((out / "lolcats_config.json").read_text())
-    assert record["status"] == "complete" and record["format_version"] == 1
+    assert record["status"] == "complete" and record["format_version"] == 2 and record["format"] == "lolcats-out-dir"
+    from lolcats.io import sha256_file
+
+    assert record["files"] == {name: sha256_file(out / name)
+                               for name in ("attention.safetensors", "adapter/adapter_model.safetensors")}
     assert len(record["base_model"]["fingerprint"]) == 64
     assert record["versions"]["transformers"].startswith("5.")
     assert (out / "adapter" / "adapter_model.safetensors").exists()
@@ -153,16 +157,20 @@ def test_out_dir_of_other_base_or_config_is_refused(finished, capsys):
     assert json.loads((root / "out" / "lolcats_config.json").read_text())["config"]["distill"]["lr"] == 0.5
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_run, capsys, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_run, capsys):
     recipe, root = tiny_run
-    monkeypatch.setenv("LOLCATS_FAULT", "nan@stage1:5")  # optimizer step 3, micro-step 5
-    code, err = run_cli(capsys, "linearize", recipe)
+    from lolcats.io import set_fault_hook
+
+    set_fault_hook(lambda key: key == "stage1:micro5:loss")  # optimizer step 3, micro-step 5
+    try:
+        code, err = run_cli(capsys, "linearize", recipe)
+    finally:
+        set_fault_hook(None)
     assert code == 2
     assert "stage1: loss became nan at optimizer step 3 (micro-step 5)" in err
     assert "last good checkpoint is step 2" in err
     assert (root / "out" / "train_state" / "stage1" / "step-00000002").is_dir()
     assert_not_complete(root / "out")
-    monkeypatch.delenv("LOLCATS_FAULT")
     code, _ = run_cli(capsys, "linearize", recipe)  # resumes from step 2 and finishes
     assert code == 0 and (root / "out" / "report.md").exists()
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+ENTRY = Path(__file__).with_name("fault_entry.py")
+
 
 def run(recipe, out, fault: str | None = None) -> int:
-    env = {**os.environ, "LOLCATS_FAULT": fault or ""}
-    proc = subprocess.run([sys.executable, "-m", "lolcats.cli", "linearize", str(recipe), f"out_dir={out}"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    """linearize in a subprocess; ``fault`` is a fault point's key at which the process is SIGKILLed."""
+    cmd = [sys.executable, str(ENTRY), "kill", fault, "--"] if fault else [sys.executable, "-m", "lolcats.cli"]
+    proc = subprocess.run([*cmd, "linearize", str(recipe), f"out_dir={out}"],
+                          capture_output=True, text=True, timeout=600)
     if proc.returncode not in (0, -signal.SIGKILL):
         raise AssertionError(f"linearize failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc.returncode
@@ -35,8 +38,8 @@ def reference(tiny_run):
 # grad_accum = 2 in the tiny recipe: micro-step 3 is the second half of optimizer step 2's cycle,
 # micro-step 4 the first micro-step after a checkpoint boundary.
 @pytest.mark.parametrize("faults", [
-    ["kill@stage1:4", "kill@stage2:3"],  # once in each stage
-    ["kill@stage1:3"],                   # inside a gradient-accumulation cycle
+    ["stage1:micro4", "stage2:micro3"],  # once in each stage
+    ["stage1:micro3"],                   # inside a gradient-accumulation cycle
 ], ids=["each-stage", "mid-accumulation"])
 def test_killed_run_resumes_bit_identical(reference, faults):
     recipe, root, expected = reference

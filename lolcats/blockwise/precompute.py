@@ -16,6 +16,7 @@ from lolcats.blockwise.shards import Group, ShardStore
 from lolcats.blockwise.streaming import StreamingModel, layer_output
 from lolcats.checkpoint import DTYPES
 from lolcats.config import LolcatsConfig
+from lolcats.io import fault_point
 
 
 @dataclass
@@ -135,6 +136,7 @@ def _run_wave(sm: StreamingModel, store: ShardStore, blocks: list[range], todo: 
         active = [g for g in todo if g.state is not None]
         if not active:
             continue
+        fault_point(f"precompute:layer{i}")
         layer = sm.materialize(sm.layers[i])
         stats.peak = max(stats.peak, _param_bytes(layer))
         for g in active:  # states stay in host memory; one chunk at a time visits the device

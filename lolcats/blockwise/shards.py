@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +22,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from lolcats.assets import sha256 as file_sha256
 from lolcats.blockwise.common import fmt_bytes
 from lolcats.data import Chunks
+from lolcats.io import atomic_save_safetensors, atomic_write_text, fault_scope
+from lolcats.io import sha256_file as file_sha256
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -119,10 +118,8 @@ class ShardStore:
 
     def _save(self, shards: dict[str, dict[str, Any]] | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps({"format": FORMAT, "key": self.key, "shards": shards if shards is not None
-                                   else self.shards}, indent=1))
-        os.replace(tmp, self.root / MANIFEST)
+        atomic_write_text(self.root / MANIFEST, json.dumps({"format": FORMAT, "key": self.key, "shards": shards
+                                                            if shards is not None else self.shards}, indent=1))
 
     # ------------------------------------------------------------------ checking
     def problem(self, name: str) -> str | None:
@@ -167,13 +164,12 @@ class ShardStore:
                  "chunks": [group.chunks.start, group.chunks.stop],
                  "tokens": [group.chunks.start * seq, group.chunks.stop * seq],
                  "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-        tmp = path.with_name(f".{path.name}.tmp")
         # one metadata key: safetensors writes several in no fixed order, and a repaired shard must be identical
         header = json.dumps({**entry, "tensor_sha256": tensor_sha256(t)}, sort_keys=True)
-        save_file({"hidden": t}, str(tmp), metadata={"lolcats": header})
-        os.replace(tmp, path)
-        self.shards[name] = {**entry, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
-        self._save()
+        with fault_scope(f"shard:{name}"):
+            atomic_save_safetensors({"hidden": t}, path, metadata={"lolcats": header})
+            self.shards[name] = {**entry, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+            self._save()
         return name
 
 

@@ -15,7 +15,7 @@ from lolcats.blockwise.common import BlockwiseError, blockwise_dir, streaming_mo
 from lolcats.checkpoint import ATTENTION_FILE, attention_state, pick_device
 from lolcats.config import LolcatsConfig
 from lolcats.convert import convert_model
-from lolcats.training import atomic_save_safetensors, atomic_write_text
+from lolcats.io import atomic_save_safetensors, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def merge_blocks(cfg: LolcatsConfig) -> tuple[dict[str, Tensor], list[dict[str, 
 def stitch(cfg: LolcatsConfig, progress: Any = None):
     """Merge the blocks into ``out_dir/attention.safetensors`` and finish the run (stage 2, report) as
     ``lolcats linearize`` does, which then sees stage 1 as done. Returns the pipeline's RunResult."""
-    from lolcats.pipeline import linearize
+    from lolcats.pipeline import linearize, mark_stage_done
 
     distributed.init_from_env(pick_device(cfg.model.device).type)  # under torchrun, stage 2 is data-parallel
     merged, results = merge_blocks(cfg)
@@ -80,9 +80,8 @@ def stitch(cfg: LolcatsConfig, progress: Any = None):
         summary = {"trainable": sum(t.numel() for t in merged.values()), "blockwise": True,
                    "blocks": len(results), "steps": max((r["steps"] for r in trained), default=0),
                    "tokens": sum(r["tokens"] for r in trained), "seconds": sum(r["seconds"] for r in trained),
-                   "best_step": -1, "best_eval": float("nan")}
-        done.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(done, json.dumps(summary))
+                   "best_step": -1, "best_eval": float("nan"), "sha256": sha256_file(out / ATTENTION_FILE)}
+        mark_stage_done(done, summary)
         logger.info("stitched %d tensors from %d blocks into %s", len(merged), len(results), out / ATTENTION_FILE)
     distributed.barrier()
     return linearize(cfg, progress=progress)

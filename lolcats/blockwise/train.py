@@ -19,7 +19,8 @@ from lolcats.checkpoint import pick_device, resolve_model_path
 from lolcats.config import LolcatsConfig
 from lolcats.convert import TRAINABLE_KEYS, convert_model, linearized_layers
 from lolcats.distill import TransferAttention
-from lolcats.training import StageSpec, Trainer, atomic_save_safetensors, atomic_write_text
+from lolcats.io import atomic_save_safetensors, atomic_write_text
+from lolcats.training import StageSpec, Trainer
 
 logger = logging.getLogger(__name__)
 
