@@ -126,7 +126,14 @@ def load_base(cfg: ModelConfig):
             path, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code).to(pick_device(cfg.device)).eval()
     except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"the weights of model {cfg.name_or_path} ({path}) could not be read "
+        where = path
+        for f in sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []:
+            try:
+                safetensors_shapes(f)
+            except CheckpointError:
+                where = str(f)  # name the damaged file
+                break
+        raise CheckpointError(f"the weights of model {cfg.name_or_path} could not be read from {where} "
                               f"({str(e).splitlines()[0]}); the folder needs complete *.safetensors weights: "
                               "copy or download them again") from None
     return model, load_tokenizer(path, cfg.trust_remote_code), path
@@ -317,14 +324,15 @@ def load_adapter_weights(peft_model: nn.Module, out: Path) -> None:
     set_peft_model_state_dict(peft_model, state)
 
 
-def _meta_attention_shapes(hf_config: Any, attn_cfg: AttentionConfig) -> dict[str, tuple[int, ...]]:
+def _meta_attention_shapes(hf_config: Any, attn_cfg: AttentionConfig, trust_remote_code: bool = False
+                           ) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the attention tensors a base of ``hf_config`` converted with ``attn_cfg`` has
     (built on the meta device: nothing is allocated)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(), torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(hf_config)
+        meta = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
         convert_model(meta, attn_cfg)
     return {k: tuple(v.shape) for k, v in attention_state(meta).items()}
 
@@ -389,7 +397,8 @@ def load(out_dir: str | os.PathLike, base: str | None = None, device: str | None
             f"base model mismatch: {out} was trained on {record['base_model'].get('name_or_path')} but the config of "
             f"{model_cfg.name_or_path} differs (architecture sha256 {config_sha256(hf_config)[:16]}… vs "
             f"{expected_cfg[:16]}…); pass the original base")
-    check_shapes(out / ATTENTION_FILE, safetensors_shapes(out / ATTENTION_FILE), _meta_attention_shapes(hf_config, attn_cfg))
+    check_shapes(out / ATTENTION_FILE, safetensors_shapes(out / ATTENTION_FILE),
+                 _meta_attention_shapes(hf_config, attn_cfg, trust_remote_code))
     model, _, _ = load_base(model_cfg)
     expected = record["base_model"]["fingerprint"]
     got = fingerprint(model)
@@ -418,11 +427,11 @@ def _load_merged(out: Path, record: dict[str, Any], attn_cfg: AttentionConfig, m
     if verify:
         verify_export(out)
     try:
-        hf_config = AutoConfig.from_pretrained(out)  # never remote code: the export is a plain HF folder
+        hf_config = AutoConfig.from_pretrained(out, trust_remote_code=False)  # an export is a plain HF folder
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{out / 'config.json'} is unreadable ({str(e).splitlines()[0]}); restore it or "
                               "export again") from None
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[model_cfg.dtype],
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[model_cfg.dtype], trust_remote_code=False,
                                              attn_implementation=model_cfg.attn_implementation)
     convert_model(model, attn_cfg)
     state = _load_folder_state(out)

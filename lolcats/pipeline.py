@@ -203,6 +203,11 @@ def plan_out_dir(out: Path, cfg: LolcatsConfig, config_sha: str, overwrite: bool
         diff = sorted(_diff_keys(old, new))
         raise CheckpointError(f"out_dir {out} holds a run with another config (differs in {', '.join(diff[:3])}); "
                               "choose another out_dir or pass --overwrite")
+    # results already written must be as they were written, or the rerun refuses (before writing anything)
+    verify_files(out, record.get("files", {}))
+    for stage, result_file in (("stage1", ATTENTION_FILE), ("stage2", ADAPTER_WEIGHTS)):
+        if (out / "train_state" / stage / "DONE").exists():
+            finished_stage(out / "train_state" / stage / "DONE", out, result_file)
     return "resume"
 
 

@@ -32,14 +32,15 @@ def plan(cfg: LolcatsConfig, tokens: int | None = None, model_config: str | None
     source = source or resolve_model_path(cfg.model.name_or_path)
     path = Path(source).expanduser()
     if path.is_file():
-        hf_config = AutoConfig.from_pretrained(str(path.parent) if path.name == "config.json" else str(path))
+        hf_config = AutoConfig.from_pretrained(str(path.parent) if path.name == "config.json" else str(path),
+                                               trust_remote_code=cfg.model.trust_remote_code)
     elif (path / "config.json").exists():
-        hf_config = AutoConfig.from_pretrained(str(path))
+        hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
     else:
         raise FileNotFoundError(f"no model config at {source}; set blockwise.model_config to a local config.json "
                                 "(plan needs only the config, never the weights)")
     with init_empty_weights(), torch.device("meta"):  # shapes only: nothing is allocated or initialised
-        model = AutoModelForCausalLM.from_config(hf_config)
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
         convert_model(model, cfg.attention)
     layers = find_decoder_layers(model)
     blocks = block_ranges(len(layers), cfg.blockwise.block_size)

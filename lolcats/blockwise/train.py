@@ -146,7 +146,8 @@ def train(cfg: LolcatsConfig, blocks: list[int] | None = None, progress: Progres
     try:
         from transformers import AutoConfig
 
-        n_blocks = len(block_ranges(AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path))
+        n_blocks = len(block_ranges(AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path),
+                                                               trust_remote_code=cfg.model.trust_remote_code)
                                     .num_hidden_layers, cfg.blockwise.block_size))
         todo = blocks if blocks is not None else list(range(n_blocks))
         mine = todo[rank::world]
