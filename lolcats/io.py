@@ -98,6 +98,10 @@ def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: di
     """Save tensors as one safetensors file through a temporary file and a rename."""
     from safetensors.torch import save_file
 
+    if metadata and len(metadata) > 1:
+        # safetensors writes several metadata keys in no fixed order: the same tensors would give other bytes,
+        # and a resumed run must write the very file an uninterrupted one writes
+        raise ValueError(f"{path.name}: pass at most one metadata key (e.g. JSON text), got {sorted(metadata)}")
     path = Path(path)
     tmp = _tmp(path)
     fault_point(f"write:{path.name}:begin")

@@ -271,6 +271,13 @@ def test_stitch_merges_blocks_and_runs_stage2(assets, tmp_path):
     import shutil
 
     shutil.rmtree(stale)
+    # a block's weights changed on disk since training wrote them: refused, naming the file
+    block1 = tmp_path / "out" / "blockwise" / "block-001" / "attention.safetensors"
+    good = block1.read_bytes()
+    block1.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(ValueError, match=r"block-001/attention.safetensors has changed since lolcats wrote it"):
+        blockwise.stitch(cfg)
+    block1.write_bytes(good)
     result = blockwise.stitch(cfg)
     out = tmp_path / "out"
     assert {"attention.safetensors", "adapter", "report.md", "lolcats_config.json"} <= {p.name for p in out.iterdir()}

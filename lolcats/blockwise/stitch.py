@@ -7,12 +7,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
 from torch import Tensor
 
 from lolcats import distributed
 from lolcats.blockwise.common import BlockwiseError, blockwise_dir, streaming_model
-from lolcats.checkpoint import ATTENTION_FILE, attention_state, pick_device
+from lolcats.checkpoint import ATTENTION_FILE, attention_state, check_finite, pick_device, read_safetensors, verify_files
 from lolcats.config import LolcatsConfig
 from lolcats.convert import convert_model
 from lolcats.io import atomic_save_safetensors, sha256_file
@@ -43,7 +42,10 @@ def merge_blocks(cfg: LolcatsConfig) -> tuple[dict[str, Tensor], list[dict[str, 
         result = json.loads((folder / "result.json").read_text())
         results.append(result)
         f = folder / "attention.safetensors"
-        tensors = load_file(str(f)) if f.exists() else {}
+        if "sha256" in result:  # the block's weights as training wrote them
+            verify_files(folder, {f.name: result["sha256"]})
+        tensors = read_safetensors(f) if f.exists() else {}
+        check_finite(tensors, f)
         for name, t in tensors.items():
             layer = _layer(name)
             if owner.get(layer, folder.name) != folder.name:

@@ -19,7 +19,7 @@ from lolcats.checkpoint import pick_device, resolve_model_path
 from lolcats.config import LolcatsConfig
 from lolcats.convert import TRAINABLE_KEYS, convert_model, linearized_layers
 from lolcats.distill import TransferAttention
-from lolcats.io import atomic_save_safetensors, atomic_write_text
+from lolcats.io import atomic_save_safetensors, atomic_write_text, sha256_file
 from lolcats.training import StageSpec, Trainer
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,8 @@ def train_block(cfg: LolcatsConfig, block: int, progress: Progress | None = None
         result.update(steps=res.steps, tokens=res.tokens, seconds=res.seconds, best_step=res.best_step,
                       mse_before=json.loads(before_path.read_text()), mse_after=transfer.per_layer_mse(heldout))
         atomic_save_safetensors(_block_parameters(wrappers, trainable_only=False), out / "attention.safetensors",
-                                metadata={"format": "lolcats-attention", "block": str(block)})
+                                metadata={"format": "lolcats-attention"})
+        result["sha256"] = sha256_file(out / "attention.safetensors")
     atomic_write_text(done, json.dumps(result))
     return result
 
