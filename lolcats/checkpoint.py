@@ -1,4 +1,4 @@
-"""Base-model loading, fingerprints, and the out_dir checkpoint format (DESIGN.md §4).
+"""The out_dir format: run record, result weights and their checksums, and rebuilding a model from it.
 
 out_dir/
   lolcats_config.json     format version, resolved config, base model reference + fingerprint, versions
@@ -11,12 +11,10 @@ out_dir/
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import platform
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,20 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from lolcats.base_model import (
+    DTYPES,
+    CheckpointError,
+    base_config,
+    config_sha256,
+    fingerprint,
+    load_base,
+    load_tokenizer,
+    pick_device,
+)
 from lolcats.config import AttentionConfig, ModelConfig, from_dict
 from lolcats.convert import TRAINABLE_KEYS, convert_model, linearized_layers
-from lolcats.io import atomic_save_safetensors, atomic_write_dir, atomic_write_text, sha256_file, sha256_tree
+from lolcats.io import atomic_save_safetensors, atomic_write_dir, atomic_write_text, sha256_file
+from lolcats.sources import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -36,123 +45,8 @@ CONFIG_FILE = "lolcats_config.json"
 ATTENTION_FILE = "attention.safetensors"
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = f"{ADAPTER_DIR}/adapter_model.safetensors"
-_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
-                         "_attn_implementation_autoset", "use_cache", "lolcats")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class CheckpointError(ValueError):
-    """An out_dir or checkpoint that does not fit what is asked of it."""
-
-
-# ------------------------------------------------------------------------------------ base model
-def resolve_model_path(name_or_path: str) -> str:
-    """``lolcats:smollm2-135m-instruct`` -> fetched folder; ``*.gguf`` -> cached float32 folder; else as given."""
-    from lolcats import assets
-
-    if name_or_path.startswith("lolcats:"):
-        name = name_or_path.split(":", 1)[1]
-        if name == "tiny-llama":
-            return str(assets.tiny_llama())
-        if name != "smollm2-135m-instruct":
-            raise ValueError(f"unknown offline model {name_or_path!r}; choose lolcats:smollm2-135m-instruct "
-                             "or lolcats:tiny-llama")
-        p = assets.paths()
-        return str(assets.gguf_to_safetensors(assets.fetch_smollm2_gguf(p), p.smollm2, note=assets.GGUF_NOTE))
-    path = Path(name_or_path).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"model file {name_or_path} does not exist")
-        digest = assets.sha256(path)[:12]
-        out = assets.cache_dir() / "gguf-expanded" / f"{path.stem}-{digest}"
-        return str(assets.gguf_to_safetensors(path, out, note=f"{path.name} expanded to float32"))
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"model folder {name_or_path} has no config.json; give a Hugging Face model "
-                                    "folder, a .gguf file or a hub id")
-        return str(path)
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local:
-        raise FileNotFoundError(f"model path {name_or_path} does not exist; give a Hugging Face model folder, "
-                                "a .gguf file, a hub id or lolcats:smollm2-135m-instruct")
-    return name_or_path  # a hub id
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"model.device={device} but no CUDA device is available; use model.device=cpu")
-    return torch.device(device)
-
-
-def base_config(cfg: ModelConfig) -> tuple[str, Any]:
-    """(resolved path, HF config) of a recipe's base model, checked for a supported family; no weights read."""
-    from transformers import AutoConfig
-
-    path = resolve_model_path(cfg.name_or_path)
-    try:
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, json.JSONDecodeError) as e:
-        raise FileNotFoundError(f"model {cfg.name_or_path} could not be loaded ({str(e).splitlines()[0]}); "
-                                "check the path or id (the hub may be unreachable offline)") from None
-    from lolcats.models import FAMILIES, supported_model_types
-
-    if hf_config.model_type not in FAMILIES:
-        archs = ", ".join(getattr(hf_config, "architectures", None) or [type(hf_config).__name__])
-        raise ValueError(f"unsupported architecture {archs} (model_type {hf_config.model_type!r}); "
-                         f"supported model types: {', '.join(supported_model_types())}")
-    return path, hf_config
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise FileNotFoundError(f"the tokenizer of {path} could not be loaded ({str(e).splitlines()[0]}); the "
-                                "folder needs its tokenizer files (tokenizer.json or tokenizer_config.json)") from None
-
-
-def load_base(cfg: ModelConfig):
-    """(model, tokenizer, resolved path) for a recipe's ``model`` section; the model is in eval mode."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-
-    path, _ = base_config(cfg)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code).to(pick_device(cfg.device)).eval()
-    except (OSError, SafetensorError) as e:
-        where = path
-        for f in sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []:
-            try:
-                safetensors_shapes(f)
-            except CheckpointError:
-                where = str(f)  # name the damaged file
-                break
-        raise CheckpointError(f"the weights of model {cfg.name_or_path} could not be read from {where} "
-                              f"({str(e).splitlines()[0]}); the folder needs complete *.safetensors weights: "
-                              "copy or download them again") from None
-    return model, load_tokenizer(path, cfg.trust_remote_code), path
-
-
-def fingerprint(model: nn.Module) -> str:
-    """sha256 of the base model's architecture config plus a few of its tensors (first, middle, last)."""
-    h = hashlib.sha256()
-    cfg = model.config.to_dict()
-    for volatile in _VOLATILE_CONFIG_KEYS:
-        cfg.pop(volatile, None)
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    state = {k: v for k, v in model.state_dict().items() if not any(t in k for t in TRAINABLE_KEYS)
-             and "lora_" not in k}
-    names = sorted(state)
-    for name in (names[0], names[len(names) // 2], names[-1]):
-        h.update(name.encode())
-        h.update(state[name].detach().flatten()[:65536].float().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ out_dir
@@ -164,14 +58,6 @@ def versions() -> dict[str, str]:
 
     return {"lolcats": lolcats.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version()}
-
-
-def config_sha256(hf_config: Any) -> str:
-    """sha256 of a base model's architecture config (the part of :func:`fingerprint` readable without weights)."""
-    cfg = hf_config.to_dict()
-    for volatile in _VOLATILE_CONFIG_KEYS:
-        cfg.pop(volatile, None)
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def read_run_config(out_dir: Path) -> dict[str, Any] | None:
@@ -425,7 +311,7 @@ def _load_merged(out: Path, record: dict[str, Any], attn_cfg: AttentionConfig, m
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if verify:
-        verify_export(out)
+        verify_files(out, record.get("files", {}))
     try:
         hf_config = AutoConfig.from_pretrained(out, trust_remote_code=False)  # an export is a plain HF folder
     except (OSError, ValueError) as e:
@@ -447,71 +333,6 @@ def _load_merged(out: Path, record: dict[str, Any], attn_cfg: AttentionConfig, m
     return model.to(pick_device(model_cfg.device)).eval()
 
 
-def verify_export(folder: str | os.PathLike) -> int:
-    """Check every file of an out_dir or export against the sha256 recorded when it was written.
-
-    Returns the number of files verified; raises CheckpointError naming the first that differs."""
-    folder = Path(folder).expanduser()
-    record = read_run_config(folder)
-    if record is None:
-        raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}; it is not a lolcats out_dir or export")
-    files = record.get("files")
-    if not files:
-        raise CheckpointError(f"{folder} records no checksums (written by lolcats format "
-                              f"{record['format_version']}, or unfinished); nothing can be verified")
-    verify_files(folder, files)
-    return len(files)
-
-
-def export_merged(out_dir: str | os.PathLike, to: str | os.PathLike, trust_remote_code: bool = False) -> Path:
-    """Write one self-contained model: base weights with LoRA merged plus attention weights; its
-    ``lolcats_config.json`` records every file's sha256 (``lolcats verify DEST`` checks them)."""
-    out, dest = Path(out_dir).expanduser(), Path(to).expanduser()
-    if dest.exists() and not dest.is_dir():
-        raise FileExistsError(f"--to {dest} is an existing file; choose a new folder")
-    if dest.exists() and any(dest.iterdir()):
-        raise FileExistsError(f"--to {dest} exists and is not empty; choose a new folder")
-    if not dest.parent.exists():
-        raise FileNotFoundError(f"--to {dest}: its parent folder {dest.parent} does not exist; create it first")
-    record = read_run_config(out)
-    if record is None:
-        raise FileNotFoundError(f"{out} has no {CONFIG_FILE}; export takes a lolcats out_dir")
-    if record.get("status") != "complete":
-        raise CheckpointError(f"{out} holds an unfinished run (status {record.get('status')!r}); rerun "
-                              "`lolcats linearize` on it to finish before exporting")
-    model = load(out, device="cpu", trust_remote_code=trust_remote_code)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    base = Path(resolve_model_path(record["base_model"]["name_or_path"]))
-    tokenizer_files = [f for f in base.glob("*")
-                       if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config"))]
-
-    def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        for f in tokenizer_files:
-            shutil.copy2(f, tmp / f.name)
-        kept = {k: v for k, v in record.items() if k not in ("format", "format_version", "files")}
-        write_run_config(tmp, kept | {"merged": True, "files": sha256_tree(tmp)})
-
-    if dest.exists():
-        dest.rmdir()
-    atomic_write_dir(dest, fill)
-    return dest
-
-
-def cast_base(model: nn.Module, dtype: str) -> nn.Module:
-    """Cast the base weights to ``dtype`` (float32 / bfloat16 / float16) for inference; feature maps and
-    window factors stay in float32 (linearized layers compute in float32 either way) and so do
-    buffers such as rotary frequencies."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    target = DTYPES[dtype]
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not any(k in name for k in TRAINABLE_KEYS):
-            p.data = p.data.to(target)
-    return model
-
-
 def load_model_any(spec: str, device: str | None = None, trust_remote_code: bool = False):
     """(model, tokenizer) from an out_dir, an exported folder, an HF folder or id, or a .gguf file.
 
@@ -520,7 +341,7 @@ def load_model_any(spec: str, device: str | None = None, trust_remote_code: bool
     if (path / CONFIG_FILE).exists():
         record = read_run_config(path)
         model = load(path, device=device, trust_remote_code=trust_remote_code)
-        tok_src = path if record.get("merged") else resolve_model_path(record["base_model"]["name_or_path"])
+        tok_src = path if record.get("merged") else resolve_model(record["base_model"]["name_or_path"])
         return model, load_tokenizer(str(tok_src), trust_remote_code)
     cfg = ModelConfig(name_or_path=spec, device=device or "auto", trust_remote_code=trust_remote_code)
     model, tokenizer, _ = load_base(cfg)

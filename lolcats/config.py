@@ -1,42 +1,25 @@
-"""Configuration dataclasses: the schema. YAML is data; unknown keys are errors listing valid ones."""
+"""The recipe's sections as dataclasses (built by :func:`lolcats.schema.from_dict`): YAML is data; unknown keys
+are errors listing the valid ones."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from lolcats.feature_maps import FEATURE_MAPS, INITS
 from lolcats.ops.masks import VARIANTS
+from lolcats.schema import check_choice, check_int, check_number, from_dict
 
-
-def _choice(name: str, value: object, choices: typing.Iterable[str]) -> None:
-    choices = list(choices)
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
-
-
-def _number(name: str, value: float, low: float = 0.0, strict: bool = False, high: float | None = None) -> None:
-    """A finite number >= low (> low when ``strict``) and, when given, <= high; the message names the key."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if strict else value >= low) and (high is None or value <= high)
-    if not ok:
-        bound = f"> {low:g}" if strict else f">= {low:g}"
-        raise ValueError(f"{name}={value!r} must be a finite number {bound}" + (f" and <= {high:g}" if high else "")
-                         + f"; fix {name} in the recipe or its override")
-
-
-def _positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
+__all__ = ["AttentionConfig", "BlockwiseConfig", "DataConfig", "DistillConfig", "LolcatsConfig", "LoopConfig",
+           "LoraConfig", "ModelConfig", "ReportConfig", "from_dict", "load_config"]
 
 
 @dataclass
 class AttentionConfig:
-    """How each softmax attention layer is replaced (DESIGN.md §1).
+    """How each softmax attention layer is replaced (docs/design.md §1).
 
     Attributes:
         variant: ``terraced`` (the original's released default), ``sliding_window`` or ``linear``.
@@ -61,66 +44,17 @@ class AttentionConfig:
     keep_native_window: bool = False
 
     def __post_init__(self) -> None:
-        _choice("attention.variant", self.variant, VARIANTS)
-        _choice("attention.feature_map", self.feature_map, sorted(FEATURE_MAPS))
-        _choice("attention.feature_init", self.feature_init, INITS)
-        _positive("attention.window_size", self.window_size)
-        _positive("attention.feature_dim", self.feature_dim)
-        _positive("attention.chunk_size", self.chunk_size)
+        check_choice("attention.variant", self.variant, VARIANTS)
+        check_choice("attention.feature_map", self.feature_map, sorted(FEATURE_MAPS))
+        check_choice("attention.feature_init", self.feature_init, INITS)
+        check_int("attention.window_size", self.window_size)
+        check_int("attention.feature_dim", self.feature_dim)
+        check_int("attention.chunk_size", self.chunk_size)
         if not math.isfinite(float(self.window_factor_init)):
             raise ValueError(f"attention.window_factor_init={self.window_factor_init!r} must be finite")
         for i in self.skip_layers:
             if isinstance(i, bool) or not isinstance(i, int) or i < 0:
                 raise ValueError(f"attention.skip_layers contains {i!r}; give non-negative layer indices")
-
-
-def _check_type(path: str, value: Any, annotation: Any) -> Any:
-    """Check (and lightly coerce: int -> float) a YAML value against a dataclass field's type."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(annotation):
-            return None
-        errors = []
-        for arg in typing.get_args(annotation):
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(path, value, arg)
-            except TypeError as e:
-                errors.append(str(e))
-        raise TypeError(errors[0] if errors else f"{path}: bad value {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise TypeError(f"{path}={value!r} must be a list")
-        (item,) = typing.get_args(annotation)
-        return [_check_type(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation in (int, float, str, bool):
-        if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
-            raise TypeError(f"{path}={value!r} must be of type {annotation.__name__}")
-    return value
-
-
-def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
-    """Build dataclass ``cls`` from nested dicts; unknown keys and wrong types raise naming the key."""
-    if not isinstance(data, dict):
-        raise TypeError(f"{path or cls.__name__} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f" in {path}" if path else ""
-        raise ValueError(f"unknown key {unknown[0]!r}{where}; valid keys: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{path}.{name}" if path else name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value, key)
-        else:
-            kwargs[name] = _check_type(key, value, hint)
-    return cls(**kwargs)
 
 
 @dataclass
@@ -143,8 +77,8 @@ class ModelConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+        check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             raise ValueError(f"model.device={self.device!r} is not valid; use cpu, cuda, cuda:N or auto")
 
@@ -181,102 +115,127 @@ class DataConfig:
     instruction_template: str = "alpaca"
 
     def __post_init__(self) -> None:
-        _positive("data.seq_len", self.seq_len)
-        _positive("data.heldout_chunks", self.heldout_chunks)
-        _positive("data.eval_windows", self.eval_windows)
-        if isinstance(self.max_train_chunks, bool) or not isinstance(self.max_train_chunks, int) or self.max_train_chunks < 0:
-            raise ValueError(f"data.max_train_chunks={self.max_train_chunks!r} must be a non-negative integer (0 = all)")
-        _choice("data.instruction_template", self.instruction_template, ("alpaca",))
+        check_int("data.seq_len", self.seq_len)
+        check_int("data.heldout_chunks", self.heldout_chunks)
+        check_int("data.eval_windows", self.eval_windows)
+        check_int("data.max_train_chunks", self.max_train_chunks, 0, " (0 = all)")
+        check_choice("data.instruction_template", self.instruction_template, ("alpaca",))
 
 
 @dataclass
-class DistillConfig:
-    """Stage 1, attention transfer (DESIGN.md §1).
+class LoopConfig:
+    """The training loop's settings (:class:`lolcats.training.Trainer`), shared by the stage sections.
 
     Attributes:
         max_steps: optimizer steps (0 skips the stage).
         epochs: when > 0, passes over the training chunks instead of ``max_steps``.
         grad_accum: micro-batches (of one chunk each) per optimizer step.
         lr, weight_decay: AdamW.
-        mse_scale: the loss is ``mse_scale`` × mean over layers of the per-layer MSE.
-        attention_ce_weight: weight of Hedgehog's cross-entropy on attention weights (0 = off).
-        eval_every: optimizer steps between held-out evaluations (ReduceLROnPlateau steps on them).
-        plateau_patience, plateau_factor, min_lr: ReduceLROnPlateau.
-        scheduler: ``plateau`` or ``constant``.
-        max_grad_norm: global-norm clipping (0 = off).
+        eval_every: optimizer steps between held-out evaluations.
         checkpoint_every: optimizer steps between resume checkpoints.
+        max_grad_norm: global-norm clipping (0 = off).
     """
 
-    max_steps: int = 200
+    section: typing.ClassVar[str] = "loop"  # the recipe section, named in messages
+
+    max_steps: int = 100
     epochs: float = 0.0
     grad_accum: int = 8
-    lr: float = 1e-2
+    lr: float = 1e-4
     weight_decay: float = 0.0
+    eval_every: int = 50
+    checkpoint_every: int = 10
+    max_grad_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        s = self.section
+        if self.max_steps < 0 or self.epochs < 0:
+            raise ValueError(f"{s}.max_steps={self.max_steps} and {s}.epochs={self.epochs} must be >= 0")
+        for name in ("grad_accum", "eval_every", "checkpoint_every"):
+            check_int(f"{s}.{name}", getattr(self, name))
+        check_number(f"{s}.lr", self.lr, strict=True)
+        for name in ("weight_decay", "max_grad_norm", "epochs"):
+            check_number(f"{s}.{name}", getattr(self, name))
+
+    def steps(self, train_chunks: int) -> int:
+        """Optimizer steps: ``epochs`` over ``train_chunks`` chunks when set, else ``max_steps``."""
+        if self.epochs > 0:
+            return max(1, math.ceil(self.epochs * train_chunks / self.grad_accum))
+        return self.max_steps
+
+    def plateau(self) -> dict[str, float] | None:
+        """ReduceLROnPlateau's ``patience``, ``factor`` and ``min_lr``; None keeps the learning rate constant."""
+        return None
+
+
+@dataclass
+class DistillConfig(LoopConfig):
+    """Stage 1, attention transfer (docs/design.md §3): the loop settings of :class:`LoopConfig` and
+
+    Attributes:
+        mse_scale: the loss is ``mse_scale`` × mean over layers of the per-layer MSE.
+        attention_ce_weight: weight of Hedgehog's cross-entropy on attention weights (0 = off).
+        scheduler: ``plateau`` (ReduceLROnPlateau on the held-out evaluations) or ``constant``.
+        plateau_patience, plateau_factor, min_lr: ReduceLROnPlateau.
+    """
+
+    section: typing.ClassVar[str] = "distill"
+
+    max_steps: int = 200
+    lr: float = 1e-2
+    eval_every: int = 100
     mse_scale: float = 1000.0
     attention_ce_weight: float = 0.0
-    eval_every: int = 100
     scheduler: str = "plateau"
     plateau_patience: int = 10
     plateau_factor: float = 0.1
     min_lr: float = 1e-5
-    max_grad_norm: float = 0.0
-    checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.max_steps < 0 or self.epochs < 0:
-            raise ValueError(f"distill.max_steps={self.max_steps} and distill.epochs={self.epochs} must be >= 0")
-        for name in ("grad_accum", "eval_every", "checkpoint_every", "plateau_patience"):
-            _positive(f"distill.{name}", getattr(self, name))
-        _choice("distill.scheduler", self.scheduler, ("plateau", "constant"))
-        _number("distill.lr", self.lr, strict=True)
-        _number("distill.min_lr", self.min_lr)
-        _number("distill.plateau_factor", self.plateau_factor, strict=True, high=1.0)
-        for name in ("weight_decay", "mse_scale", "attention_ce_weight", "max_grad_norm", "epochs"):
-            _number(f"distill.{name}", getattr(self, name))
+        super().__post_init__()
+        check_int("distill.plateau_patience", self.plateau_patience)
+        check_choice("distill.scheduler", self.scheduler, ("plateau", "constant"))
+        check_number("distill.min_lr", self.min_lr)
+        check_number("distill.plateau_factor", self.plateau_factor, strict=True, high=1.0)
+        for name in ("mse_scale", "attention_ce_weight"):
+            check_number(f"distill.{name}", getattr(self, name))
+
+    def plateau(self) -> dict[str, float] | None:
+        if self.scheduler != "plateau":
+            return None
+        return {"patience": self.plateau_patience, "factor": self.plateau_factor, "min_lr": self.min_lr}
 
 
 @dataclass
-class LoraConfig:
-    """Stage 2, LoRA repair with next-token loss (peft).
+class LoraConfig(LoopConfig):
+    """Stage 2, LoRA repair with next-token loss (peft): the loop settings of :class:`LoopConfig`
+    (constant learning rate) and
 
     Attributes:
-        max_steps: optimizer steps (0 skips the stage).
-        epochs: when > 0, passes over the training chunks instead of ``max_steps``.
         r, alpha, dropout: LoRA rank, scaling numerator and dropout.
         target_modules: projection names; empty means the family's q/k/v/o (``qkv_proj``/``o_proj``
             for Phi-3).
-        lr, weight_decay, grad_accum, eval_every, checkpoint_every, max_grad_norm: as in stage 1.
     """
 
-    max_steps: int = 100
-    epochs: float = 0.0
+    section: typing.ClassVar[str] = "lora"
+
+    max_grad_norm: float = 1.0
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=list)
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    grad_accum: int = 8
-    eval_every: int = 50
-    checkpoint_every: int = 10
-    max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.max_steps < 0 or self.epochs < 0:
-            raise ValueError(f"lora.max_steps={self.max_steps} and lora.epochs={self.epochs} must be >= 0")
-        for name in ("r", "grad_accum", "eval_every", "checkpoint_every"):
-            _positive(f"lora.{name}", getattr(self, name))
+        super().__post_init__()
+        check_int("lora.r", self.r)
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
-        _number("lora.lr", self.lr, strict=True)
-        _number("lora.alpha", self.alpha, strict=True)
-        for name in ("weight_decay", "max_grad_norm", "epochs"):
-            _number(f"lora.{name}", getattr(self, name))
+        check_number("lora.alpha", self.alpha, strict=True)
 
 
 @dataclass
 class BlockwiseConfig:
-    """Block-by-block stage 1 for models too large to train whole (DESIGN.md §1; paper §3.3).
+    """Block-by-block stage 1 for models too large to train whole (docs/blockwise.md; paper §3.3).
 
     Attributes:
         block_size: k, decoder layers per block; the L layers split into ceil(L / k) blocks.
@@ -300,14 +259,11 @@ class BlockwiseConfig:
     model_config: str = ""
 
     def __post_init__(self) -> None:
-        _positive("blockwise.block_size", self.block_size)
-        _positive("blockwise.chunks_per_shard", self.chunks_per_shard)
-        if isinstance(self.max_inflight_chunks, bool) or not isinstance(self.max_inflight_chunks, int) \
-                or self.max_inflight_chunks < 0:
-            raise ValueError(f"blockwise.max_inflight_chunks={self.max_inflight_chunks!r} must be >= 0 (0 = all at once)")
-        _choice("blockwise.shard_dtype", self.shard_dtype, ("bfloat16", "float16", "float32"))
-        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 0:
-            raise ValueError(f"blockwise.tokens={self.tokens!r} must be a non-negative integer")
+        check_int("blockwise.block_size", self.block_size)
+        check_int("blockwise.chunks_per_shard", self.chunks_per_shard)
+        check_int("blockwise.max_inflight_chunks", self.max_inflight_chunks, 0, " (0 = all at once)")
+        check_choice("blockwise.shard_dtype", self.shard_dtype, ("bfloat16", "float16", "float32"))
+        check_int("blockwise.tokens", self.tokens, 0)
 
 
 @dataclass
@@ -342,18 +298,14 @@ class LolcatsConfig:
             raise ValueError(f"out_dir={self.out_dir!r} is empty; set out_dir to a folder for the run's results "
                              "(e.g. out_dir=out/my_run)")
         for name in ("seed", "threads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r} must be a non-negative integer")
+            check_int(name, getattr(self, name), 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def steps(self, stage: DistillConfig | LoraConfig, train_chunks: int) -> int:
-        """Optimizer steps of a stage: ``epochs`` over the chunks when set, else ``max_steps``."""
-        if stage.epochs > 0:
-            return max(1, math.ceil(stage.epochs * train_chunks / stage.grad_accum))
-        return stage.max_steps
+    def steps(self, stage: LoopConfig, train_chunks: int) -> int:
+        """Optimizer steps of a stage (:meth:`LoopConfig.steps`)."""
+        return stage.steps(train_chunks)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LolcatsConfig:

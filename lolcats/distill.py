@@ -1,4 +1,4 @@
-"""Stage 1, attention transfer (DESIGN.md §1; paper §3.1).
+"""Stage 1, attention transfer (docs/design.md §3; paper §3.1).
 
 Each linearized layer is wrapped by :class:`TransferAttention`, which computes the teacher (the
 model's own softmax attention, through its configured implementation) and the student (hybrid
@@ -10,7 +10,7 @@ spans more than one layer's feature maps.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from pathlib import Path
 
 import torch
@@ -95,69 +95,101 @@ class TransferAttention(nn.Module):
         return -(teacher * student.clamp(min=1e-12).log()).sum(-1).mean()
 
 
-class AttentionTransfer:
-    """Wraps a converted model's linearized layers for stage 1; ``loss`` runs one teacher-forced pass."""
+class ModelRunner:
+    """Runs the whole converted model on token ids (B, T): joint stage 1's runner."""
 
-    def __init__(self, model: nn.Module, cfg: DistillConfig) -> None:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, input_ids: Tensor) -> None:
+        device = next(self.model.parameters()).device
+        self.model(input_ids.to(device), use_cache=False, logits_to_keep=1)
+
+
+class AttentionTransfer:
+    """Stage 1's engine: wraps linearized layers in :class:`TransferAttention`; ``loss`` runs one
+    teacher-forced pass and weights each layer's MSE by 1/L.
+
+    Args:
+        model: a converted model (all of it, or a block-by-block skeleton whose other layers stay on meta).
+        cfg: the ``distill`` section.
+        runner: what runs the model on one training input; default :class:`ModelRunner` (token ids).
+            Block-by-block training passes one that runs a block's layers on stored hidden states.
+        layer_ids: wrap only these decoder layers (default: every linearized layer).
+        total_layers: L of the 1/L weighting (default: the wrapped layers). A block passes the count of
+            the whole model's linearized layers, so its layers get the gradients of joint training.
+    """
+
+    def __init__(self, model: nn.Module, cfg: DistillConfig, runner: Callable[[Tensor], None] | None = None,
+                 layer_ids: Container[int] | None = None, total_layers: int | None = None) -> None:
         self.model, self.cfg = model, cfg
+        self.runner = runner or ModelRunner(model)
         impl = model.config._attn_implementation or "sdpa"
-        self.layers: list[TransferAttention] = replace_linearized(
-            model, lambda s: TransferAttention(s, impl, s.native_window, cfg.attention_ce_weight))
+
+        def wrap(s: LolcatsAttention) -> nn.Module:
+            if layer_ids is not None and s.layer_idx not in layer_ids:
+                return s
+            return TransferAttention(s, impl, s.native_window, cfg.attention_ce_weight)
+
+        self.layers = [m for m in replace_linearized(model, wrap) if isinstance(m, TransferAttention)]
         if not self.layers:
             raise ValueError("the model has no linearized layers to train; convert it first")
+        self.total = total_layers or len(self.layers)
 
     def close(self) -> None:
         restore_linearized(self.model)
 
-    def _forward(self, input_ids: Tensor) -> list[Tensor]:
+    def _forward(self, inputs: Tensor) -> list[Tensor]:
         for layer in self.layers:
             layer.losses.clear()
             layer.extra.clear()
-        device = next(self.model.parameters()).device
         with torch.no_grad():
-            self.model(input_ids.to(device), use_cache=False, logits_to_keep=1)
+            self.runner(inputs)
         return [layer.losses[0] for layer in self.layers]
 
-    def loss(self, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
-        per_layer = self._forward(input_ids)
-        mse = torch.stack(per_layer).mean()
-        loss = self.cfg.mse_scale * mse
-        extra = {"attention_mse": mse.item()}
+    def loss(self, inputs: Tensor, labels: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """``mse_scale`` × Σ_l MSE_l / L (+ the attention cross-entropy, weighted alike) on one input."""
+        per_layer = torch.stack(self._forward(inputs))
+        loss = self.cfg.mse_scale * (per_layer.sum() / self.total)
+        extra = {"attention_mse": per_layer.mean().item()}
         if self.cfg.attention_ce_weight > 0:
-            ce = torch.stack([layer.extra[0] for layer in self.layers]).mean()
-            loss = loss + self.cfg.attention_ce_weight * ce
-            extra["attention_ce"] = ce.item()
+            ce = torch.stack([layer.extra[0] for layer in self.layers])
+            loss = loss + self.cfg.attention_ce_weight * (ce.sum() / self.total)
+            extra["attention_ce"] = ce.mean().item()
         return loss, extra
 
     @torch.no_grad()
-    def per_layer_mse(self, chunks: Chunks) -> list[float]:
-        """Mean over chunks of each layer's attention MSE (no ×scale)."""
+    def per_layer_mse(self, data: Chunks) -> list[float]:
+        """Mean over ``data``'s items of each wrapped layer's attention MSE (no ×scale)."""
         totals = torch.zeros(len(self.layers), dtype=torch.float64)
-        for i in range(len(chunks)):
-            totals += torch.tensor([x.item() for x in self._forward(chunks[i][0])], dtype=torch.float64)
-        return (totals / len(chunks)).tolist()
+        for i in range(len(data)):
+            totals += torch.tensor([x.item() for x in self._forward(data[i][0])], dtype=torch.float64)
+        return (totals / len(data)).tolist()
+
+    def heldout_loss(self, heldout: Chunks) -> float:
+        """The held-out counterpart of :meth:`loss` (MSE part): ``mse_scale`` × Σ_l MSE_l / L."""
+        return self.cfg.mse_scale * sum(self.per_layer_mse(heldout)) / self.total
+
+    def stage(self, name: str, params: dict[str, nn.Parameter], heldout: Chunks, data_parallel: bool) -> StageSpec:
+        """The training-loop description of stage 1 (or of one block) with this loss."""
+        return StageSpec(name=name, params=params, loss_fn=self.loss, eval_fn=lambda: self.heldout_loss(heldout),
+                         loop=self.cfg, data_parallel=data_parallel)
 
 
 def run_stage1(model: nn.Module, train: Chunks, heldout: Chunks, cfg: DistillConfig, state_dir: Path, seed: int,
                log: Callable[[dict], None], progress: Callable[[int, int, dict], None] | None = None) -> StageResult:
     """Train feature maps and window factors; leaves the model converted, with the best weights loaded."""
-    params = trainable_attention_parameters(model)
+    params = trainable_attention_parameters(model)  # named before wrapping: resume checkpoints use these names
     transfer = AttentionTransfer(model, cfg)
     try:
-        spec = StageSpec(
-            name="stage1", params=params, loss_fn=transfer.loss,
-            eval_fn=lambda: cfg.mse_scale * sum(transfer.per_layer_mse(heldout)) / len(transfer.layers),
-            max_steps=cfg.max_steps, grad_accum=cfg.grad_accum, lr=cfg.lr, weight_decay=cfg.weight_decay,
-            eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, max_grad_norm=cfg.max_grad_norm,
-            scheduler=cfg.scheduler, plateau_patience=cfg.plateau_patience, plateau_factor=cfg.plateau_factor,
-            min_lr=cfg.min_lr, data_parallel=True)
-        return Trainer(spec, train, state_dir, seed, log, progress).run()
+        return Trainer(transfer.stage("stage1", params, heldout, data_parallel=True), train, state_dir, seed, log,
+                       progress).run()
     finally:
         transfer.close()
 
 
 def heldout_attention_mse(model: nn.Module, chunks: Chunks) -> list[float]:
-    """Per-layer held-out attention MSE of a converted model (DESIGN.md's "attention MSE", no ×1000)."""
+    """Per-layer held-out attention MSE of a converted model (the report's "attention MSE", no ×1000)."""
     transfer = AttentionTransfer(model, DistillConfig())
     try:
         return transfer.per_layer_mse(chunks)

@@ -1,4 +1,4 @@
-"""Stage 2, LoRA repair (DESIGN.md §1): peft LoRA on the attention projections, next-token loss,
+"""Stage 2, LoRA repair (docs/design.md §3): peft LoRA on the attention projections, next-token loss,
 feature maps and window factors frozen."""
 
 from __future__ import annotations
@@ -67,11 +67,8 @@ def run_stage2(peft_model: nn.Module, train: Chunks, heldout: Chunks, cfg: LoraC
         finally:
             peft_model.train(was_training)
 
-    spec = StageSpec(
-        name="stage2", params=lora_parameters(peft_model), loss_fn=loss_fn, eval_fn=eval_fn,
-        max_steps=cfg.max_steps, grad_accum=cfg.grad_accum, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, max_grad_norm=cfg.max_grad_norm,
-        scheduler="constant", data_parallel=True)
+    spec = StageSpec(name="stage2", params=lora_parameters(peft_model), loss_fn=loss_fn, eval_fn=eval_fn, loop=cfg,
+                     data_parallel=True)
     peft_model.train()
     try:
         return Trainer(spec, train, state_dir, seed, log, progress).run()

@@ -6,6 +6,14 @@ import torch
 from torch import nn
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
 def position_limit(model: nn.Module) -> int | None:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "max_position_embeddings", None)
@@ -38,7 +46,6 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int 
     if stop_strings:
         kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
     out = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                         max_new_tokens=max_new_tokens, streamer=streamer,
-                         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                         else tokenizer.eos_token_id, **kwargs)
+                         max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad_token_id(tokenizer),
+                         **kwargs)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -1,5 +1,5 @@
-"""The training loop both stages share: gradient accumulation, held-out evaluation, best-checkpoint
-keeping, NaN stops, and exact resume from ``train_state/<stage>/``.
+"""The training loop every stage shares (stage 1, stage 2, each block of block-by-block stage 1): gradient
+accumulation, held-out evaluation, best-checkpoint keeping, NaN stops, and exact resume from ``train_state/<stage>/``.
 
 Resume is exact: optimizer, scheduler, RNG and the data cursor are restored at an optimizer-step
 boundary and the data order is a pure function of (seed, epoch), so a killed and resumed run gives
@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lolcats import distributed
+from lolcats.config import LoopConfig
 from lolcats.data import Chunks, epoch_order
 from lolcats.io import atomic_save_safetensors, atomic_write_text, fault_point, fault_scope, sha256_file
 
@@ -38,16 +39,16 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class StageSpec:
-    """What a stage trains and how.
+    """What a stage trains; how is its recipe section's :class:`~lolcats.config.LoopConfig`.
 
     Attributes:
-        name: ``stage1`` / ``stage2`` (folder under train_state/).
+        name: ``stage1`` / ``stage2`` / ``block<N>`` (folder under train_state/, prefix of fault-point keys).
         params: trainable parameters by name (saved and restored by name).
-        loss_fn: (input_ids, labels) -> scalar loss to minimise (graph attached); may return
-            extra floats to log as a dict in a tuple.
+        loss_fn: (inputs, labels) -> (scalar loss to minimise with its graph attached, extra floats to log);
+            inputs are token ids (B, T) or stored hidden states (B, T, D).
         eval_fn: () -> held-out loss (float), run without gradients.
-        max_steps, grad_accum, lr, weight_decay, eval_every, checkpoint_every, max_grad_norm: loop settings.
-        scheduler: ``plateau`` (ReduceLROnPlateau on held-out loss) or ``constant``.
+        loop: optimizer steps (``max_steps``, or ``epochs`` over the training data), grad_accum, AdamW,
+            evaluation and checkpoint cadence, clipping and the learning-rate schedule (``loop.plateau()``).
         data_parallel: under torchrun / ``accelerate launch``, split each optimizer step's micro-batches
             over the ranks and sum their gradients (the same global batch as one process); rank 0 writes.
     """
@@ -56,19 +57,8 @@ class StageSpec:
     params: dict[str, nn.Parameter]
     loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, dict[str, float]]]
     eval_fn: Callable[[], float]
-    max_steps: int
-    grad_accum: int
-    lr: float
-    weight_decay: float = 0.0
-    eval_every: int = 100
-    checkpoint_every: int = 10
-    max_grad_norm: float = 0.0
-    scheduler: str = "constant"
-    plateau_patience: int = 10
-    plateau_factor: float = 0.1
-    min_lr: float = 1e-5
+    loop: LoopConfig
     data_parallel: bool = False
-    extra_log: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,21 +76,21 @@ class Trainer:
 
     def __init__(self, spec: StageSpec, data: Chunks, state_dir: Path, seed: int,
                  log: Callable[[dict], None], progress: Callable[[int, int, dict], None] | None = None) -> None:
-        self.spec, self.data, self.seed, self.log = spec, data, seed, log
+        self.spec, self.loop, self.data, self.seed, self.log = spec, spec.loop, data, seed, log
         self.progress = progress
+        self.max_steps = spec.loop.steps(len(data))
         self.dir = state_dir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.optimizer = torch.optim.AdamW(list(spec.params.values()), lr=spec.lr, weight_decay=spec.weight_decay)
-        self.scheduler = (
-            torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.optimizer, mode="min", factor=spec.plateau_factor, patience=spec.plateau_patience,
-                min_lr=spec.min_lr)
-            if spec.scheduler == "plateau" else None
-        )
+        self.optimizer = torch.optim.AdamW(list(spec.params.values()), lr=spec.loop.lr,
+                                           weight_decay=spec.loop.weight_decay)
+        plateau = spec.loop.plateau()
+        self.scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min", **plateau)
+                          if plateau is not None else None)
         self.dp = spec.data_parallel and distributed.active()
         self.main = not self.dp or distributed.is_main()
-        if self.dp and spec.grad_accum % distributed.world()[1]:
-            raise ValueError(f"{spec.name}: grad_accum={spec.grad_accum} must be a multiple of the {distributed.world()[1]} "
+        grad_accum, world = spec.loop.grad_accum, distributed.world()[1]
+        if self.dp and grad_accum % world:
+            raise ValueError(f"{spec.name}: grad_accum={grad_accum} must be a multiple of the {world} "
                              "data-parallel processes (each takes an equal share of every optimizer step)")
         self.step = 0
         self.best_eval = math.inf
@@ -229,21 +219,21 @@ class Trainer:
         return loss
 
     def run(self) -> StageResult:
-        spec = self.spec
+        spec, loop, max_steps = self.spec, self.loop, self.max_steps
         self.resume()
         params = list(spec.params.values())
         rank, size = distributed.world() if self.dp else (0, 1)
         if self.dp:
             logger.info("%s: data-parallel over %d processes (rank %d takes micro-batches %d, %d+%d, …)",
                         spec.name, size, rank, rank, rank, size)
-        while self.step < spec.max_steps:
+        while self.step < max_steps:
             start = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             total, extras, tokens = 0.0, {}, 0
-            for micro in range(spec.grad_accum):
+            for micro in range(loop.grad_accum):
                 if micro % size != rank:  # data parallel: this rank's share of the global batch
                     continue
-                micro_step = self.step * spec.grad_accum + micro
+                micro_step = self.step * loop.grad_accum + micro
                 fault_point(f"{spec.name}:micro{micro_step}")
                 input_ids, labels = self._batch(micro_step)
                 loss, extra = spec.loss_fn(input_ids, labels)
@@ -254,10 +244,10 @@ class Trainer:
                         f"{spec.name}: loss became {loss.item()} at optimizer step {self.step + 1} "
                         f"(micro-step {micro_step}); the last good checkpoint is step {self._last_saved()} in "
                         f"{self.dir}. Lower the learning rate or check the data, then rerun to resume.")
-                (loss / spec.grad_accum).backward()
-                total += loss.item() / spec.grad_accum
+                (loss / loop.grad_accum).backward()
+                total += loss.item() / loop.grad_accum
                 for k, v in extra.items():
-                    extras[k] = extras.get(k, 0.0) + v / spec.grad_accum
+                    extras[k] = extras.get(k, 0.0) + v / loop.grad_accum
                 tokens += input_ids.shape[0] * input_ids.shape[1]  # ids (B, T) or hidden states (B, T, D)
             if self.dp:
                 total, extras, tokens = self._reduce(params, total, extras, tokens)
@@ -266,8 +256,8 @@ class Trainer:
                                         f"last good checkpoint is step {self._last_saved()} in {self.dir}. Lower the "
                                         "learning rate or check the data, then rerun to resume.")
             self.tokens += tokens
-            if spec.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            if loop.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, loop.max_grad_norm)
             self.optimizer.step()
             self.step += 1
             self.seconds += time.perf_counter() - start
@@ -277,11 +267,11 @@ class Trainer:
                 self.log(record)
             if self.progress and self.main:
                 self.progress(self.step, self.tokens, record)
-            if self.step % spec.eval_every == 0 or self.step == spec.max_steps:
+            if self.step % loop.eval_every == 0 or self.step == max_steps:
                 self._evaluate()
-            if self.step % spec.checkpoint_every == 0 or self.step == spec.max_steps:
+            if self.step % loop.checkpoint_every == 0 or self.step == max_steps:
                 self.save()
-        if spec.max_steps == 0 and not self.history:
+        if max_steps == 0 and not self.history:
             self._evaluate()
         if (self.dir / "best.safetensors").exists() and self.best_step != self.step:
             logger.info("%s: restoring best held-out checkpoint (step %d, loss %.4g)", spec.name,

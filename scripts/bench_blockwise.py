@@ -25,8 +25,8 @@ import torch
 RUNTIME = "import torch, transformers, lolcats.cli"
 FULL_MODEL = """
 import torch, transformers, lolcats.cli
-from lolcats.checkpoint import resolve_model_path
-m = transformers.AutoModelForCausalLM.from_pretrained(resolve_model_path('lolcats:smollm2-135m-instruct'))
+from lolcats.sources import resolve_model
+m = transformers.AutoModelForCausalLM.from_pretrained(resolve_model('lolcats:smollm2-135m-instruct'))
 with torch.no_grad():
     m.model(input_ids=torch.randint(0, 1000, (1, 1024)))
 """
@@ -49,7 +49,8 @@ def run(name: str, cmd: list[str]) -> dict:
 
 def heldout_mse(recipe: str, overrides: list[str], attention_files: dict[str, Path]) -> dict[str, dict]:
     """Mean and per-layer held-out attention MSE of each attention file, plus the untrained conversion."""
-    from lolcats.checkpoint import load_attention, load_base
+    from lolcats.base_model import load_base
+    from lolcats.checkpoint import load_attention
     from lolcats.config import load_config
     from lolcats.convert import convert_model
     from lolcats.data import build_train_data

@@ -51,7 +51,7 @@ def worker(kind: str, length: int, batch: int, new_tokens: int, model_ref: str, 
 
     from lolcats import AttentionConfig, convert_model
     from lolcats.attention import cache_nbytes
-    from lolcats.checkpoint import load_base
+    from lolcats.base_model import load_base
     from lolcats.config import ModelConfig
     from lolcats.data import build_eval_windows
 
@@ -101,7 +101,7 @@ def prefill_worker(lengths: list[int], model_ref: str, threads: int, repeats: in
     from transformers import DynamicCache
 
     from lolcats import AttentionConfig, convert_model
-    from lolcats.checkpoint import load_base
+    from lolcats.base_model import load_base
     from lolcats.config import ModelConfig
     from lolcats.data import build_eval_windows
 

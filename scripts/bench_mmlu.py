@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from lolcats import AttentionConfig, convert_model
-from lolcats.checkpoint import cast_base, load_base, load_model_any
+from lolcats.base_model import cast_base, load_base
+from lolcats.checkpoint import load_model_any
 from lolcats.config import ModelConfig
-from lolcats.eval.mmlu import SubjectPrompts, evaluate_mmlu, stem_groups, tokenize_subject
+from lolcats.eval.mmlu import SubjectPrompts, batch_plan, evaluate_mmlu, tokenize_subject
 from lolcats.eval.mmlu_data import load_mmlu
 from lolcats.report import machine
 
@@ -115,22 +116,22 @@ def _causal(n: int) -> int:
 
 def work(prompts: SubjectPrompts, batch_size: int) -> dict[str, dict[str, int]]:
     """What one subject costs the original (softmax) model, ``uncached`` (every prompt alone) and ``cached``
-    (as :func:`score_subject` runs it: the exemplars once, each shared question stem once, then right-padded
-    batches of questions sorted by length): ``tokens`` through the decoder (padding included), attended
-    (query, key) ``pairs`` per layer and query head, ``rows`` of logits, and ``mlp_skipped``, the tokens whose
-    last-layer MLP a cached batch does not run (it runs on one token per row)."""
+    (as :func:`lolcats.eval.mmlu.batch_plan` lays it out: the exemplars once, each shared question stem
+    once, then right-padded batches of questions sorted by length): ``tokens`` through the decoder (padding
+    included), attended (query, key) ``pairs`` per layer and query head, ``rows`` of logits, and
+    ``mlp_skipped``, the tokens whose last-layer MLP a cached batch does not run (it runs on one token per
+    row)."""
     p, rests = len(prompts.shared), prompts.rests
     uncached = {"tokens": sum(p + len(r) for r in rests), "pairs": sum(_causal(p + len(r)) for r in rests),
                 "rows": len(rests), "mlp_skipped": 0}
     cached = {"tokens": p, "pairs": _causal(p), "rows": 1, "mlp_skipped": 0}
-    for stem, group in stem_groups(rests):
+    for stem, batches in batch_plan(rests, batch_size):
         if stem:  # a shared stem runs once on top of the exemplars; its questions then read both
             cached["tokens"] += stem
             cached["pairs"] += stem * p + _causal(stem)
             cached["rows"] += 1
-        lengths = sorted(len(rests[i]) - stem for i in group)
-        for i in range(0, len(lengths), batch_size):
-            rows, width = len(lengths[i : i + batch_size]), max(lengths[i : i + batch_size])
+        for idx in batches:
+            rows, width = len(idx), max(len(rests[i]) - stem for i in idx)
             cached["tokens"] += rows * width
             cached["pairs"] += rows * (width * (p + stem) + _causal(width))
             cached["rows"] += rows

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from lolcats.checkpoint import load_base
+from lolcats.base_model import load_base
 from lolcats.config import AttentionConfig, DistillConfig, ModelConfig
 from lolcats.convert import convert_model, trainable_attention_parameters
 from lolcats.data import build_train_data

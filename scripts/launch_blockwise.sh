@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Block-by-block linearization end to end (DESIGN.md §1; paper §3.3), for one node with N processes/GPUs:
+# Block-by-block linearization end to end (docs/blockwise.md; paper §3.3), for one node with N processes/GPUs:
 #
 #   bash scripts/launch_blockwise.sh RECIPE.yaml [N] [key=value ...]
 #

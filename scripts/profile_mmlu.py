@@ -21,7 +21,7 @@ import torch
 from bench_mmlu import SUBSET, SUBSET_LIMIT, work
 from torch.profiler import ProfilerActivity, profile
 
-from lolcats.checkpoint import load_base
+from lolcats.base_model import load_base
 from lolcats.config import ModelConfig
 from lolcats.eval.mmlu import evaluate_mmlu, tokenize_subject
 from lolcats.eval.mmlu_data import load_mmlu

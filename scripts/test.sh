@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-"${LOLCATS_VENV:-.venv}/bin/ruff" check lolcats tests scripts
+"${LOLCATS_VENV:-.venv}/bin/ruff" check lolcats tests scripts examples
 exec "${LOLCATS_VENV:-.venv}/bin/python" -m pytest -q "$@"

@@ -114,9 +114,10 @@ def make_tokenizer(folder, extra_words: str = ""):
     return fast
 
 
-def make_tiny_model_folder(folder, seed: int = 0, family: str = "llama", extra_words: str = ""):
+def make_tiny_model_folder(folder, seed: int = 0, family: str = "llama", extra_words: str = "", **overrides):
     tok = make_tokenizer(folder, extra_words)
-    model = build_tiny(family, seed=seed, vocab_size=len(tok), eos_token_id=2, bos_token_id=1, pad_token_id=2)
+    model = build_tiny(family, seed=seed, vocab_size=len(tok), eos_token_id=2, bos_token_id=1, pad_token_id=2,
+                       **overrides)
     model.save_pretrained(folder)
     return folder
 
@@ -128,25 +129,40 @@ def make_corpus(folder, docs: int, words: int, seed: int = 0):
     return folder
 
 
-@pytest.fixture
-def tiny_run(tmp_path):
-    """A recipe over a local tiny Llama and local text; returns (recipe path, folder)."""
-    import yaml
-
-    make_tiny_model_folder(tmp_path / "base")
-    make_corpus(tmp_path / "train", docs=12, words=200)
-    make_corpus(tmp_path / "ood", docs=2, words=200, seed=100)
+def tiny_recipe(root, out=None, **changes) -> dict:
+    """The tiny local recipe the tests share: the base in ``root/base``, training text in ``root/train``,
+    out-of-domain text in ``root/ood``. ``changes`` are dotted keys, e.g. ``**{"distill.lr": 0.02}``."""
     recipe = {
-        "out_dir": str(tmp_path / "out"), "seed": 0, "threads": 1,
-        "model": {"name_or_path": str(tmp_path / "base"), "device": "cpu"},
+        "out_dir": str(out or root / "out"), "seed": 0, "threads": 1,
+        "model": {"name_or_path": str(root / "base"), "device": "cpu"},
         "attention": {"variant": "terraced", "window_size": 8, "feature_dim": 8},
-        "data": {"train": str(tmp_path / "train"), "train_filter": "", "eval_in_domain": "heldout",
-                 "eval_out_of_domain": str(tmp_path / "ood"), "seq_len": 32, "heldout_chunks": 2,
+        "data": {"train": str(root / "train"), "train_filter": "", "eval_in_domain": "heldout",
+                 "eval_out_of_domain": str(root / "ood"), "seq_len": 32, "heldout_chunks": 2,
                  "eval_windows": 2},
         "distill": {"max_steps": 4, "grad_accum": 2, "eval_every": 2, "checkpoint_every": 1},
         "lora": {"max_steps": 3, "grad_accum": 2, "lr": 1e-3, "eval_every": 2, "checkpoint_every": 1},
         "report": {"sample_tokens": 4, "samples": ["the time"]},
     }
-    path = tmp_path / "recipe.yaml"
+    for key, value in changes.items():
+        node = recipe
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return recipe
+
+
+def write_recipe(path, recipe: dict):
+    import yaml
+
     path.write_text(yaml.safe_dump(recipe))
-    return path, tmp_path
+    return path
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A recipe over a local tiny Llama and local text; returns (recipe path, folder)."""
+    make_tiny_model_folder(tmp_path / "base")
+    make_corpus(tmp_path / "train", docs=12, words=200)
+    make_corpus(tmp_path / "ood", docs=2, words=200, seed=100)
+    return write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tmp_path)), tmp_path

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import make_corpus, make_tiny_model_folder
+from conftest import make_corpus, make_tiny_model_folder, tiny_recipe, write_recipe
 from safetensors.torch import load_file, save_file
 
 from lolcats.cli import main
@@ -29,17 +28,8 @@ ATT = "attention.safetensors"
 ADAPTER = "adapter/adapter_model.safetensors"
 
 
-def tiny_recipe(root: Path, out: Path) -> dict:
-    return {
-        "out_dir": str(out), "seed": 0, "threads": 1,
-        "model": {"name_or_path": str(root / "base"), "device": "cpu"},
-        "attention": {"variant": "terraced", "window_size": 8, "feature_dim": 8},
-        "data": {"train": str(root / "train"), "train_filter": "", "eval_in_domain": "heldout",
-                 "eval_out_of_domain": str(root / "ood"), "seq_len": 32, "heldout_chunks": 2, "eval_windows": 1},
-        "distill": {"max_steps": 2, "grad_accum": 1, "eval_every": 2, "checkpoint_every": 1},
-        "lora": {"max_steps": 2, "grad_accum": 1, "lr": 1e-3, "eval_every": 2, "checkpoint_every": 1},
-        "report": {"enabled": False},
-    }
+SMALL = {"distill.max_steps": 2, "distill.grad_accum": 1, "lora.max_steps": 2, "lora.grad_accum": 1,
+         "data.eval_windows": 1, "report.enabled": False}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +39,7 @@ def finished_run(tmp_path_factory) -> Path:
     make_tiny_model_folder(root / "base")
     make_corpus(root / "train", docs=6, words=200)
     make_corpus(root / "ood", docs=1, words=200, seed=100)
-    (root / "recipe.yaml").write_text(yaml.safe_dump(tiny_recipe(root, root / "out")))
+    write_recipe(root / "recipe.yaml", tiny_recipe(root, **SMALL))
     linearize(load_config(str(root / "recipe.yaml")))
     return root
 
@@ -70,15 +60,7 @@ class World:
         return self.root / "out"
 
     def write_recipe(self, **changes) -> Path:
-        data = tiny_recipe(self.shared, self.out)
-        for key, value in changes.items():
-            node = data
-            *parents, last = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[last] = value
-        self.recipe.write_text(yaml.safe_dump(data))
-        return self.recipe
+        return write_recipe(self.recipe, tiny_recipe(self.shared, self.out, **SMALL, **changes))
 
     def finished(self, name: str = "finished") -> Path:
         """A copy of the finished out_dir in this world."""

@@ -1,4 +1,4 @@
-"""Block-by-block stage 1 (DESIGN.md §1 "Block-by-block"): plan, precompute, train, stitch."""
+"""Block-by-block stage 1 (docs/blockwise.md): plan, precompute, train, stitch."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import build_tiny, make_corpus, make_tokenizer
+from conftest import make_corpus, make_tiny_model_folder
 from safetensors.torch import load_file
 
 from lolcats import blockwise
@@ -28,15 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 def assets(tmp_path_factory) -> Path:
     """A 4-layer tiny Llama saved as safetensors, and a small local corpus."""
     root = tmp_path_factory.mktemp("blockwise")
-    tok = make_tokenizer(root / "base")
-    model = build_tiny("llama", seed=0, vocab_size=len(tok), eos_token_id=2, bos_token_id=1, pad_token_id=2,
-                       num_hidden_layers=4)
-    model.save_pretrained(root / "base")
+    make_tiny_model_folder(root / "base", num_hidden_layers=4)
     make_corpus(root / "train", docs=8, words=200)
     return root
 
 
-def recipe(assets: Path, out: Path, **blockwise_cfg) -> Path:
+def recipe(assets: Path, out: Path, attention_ce_weight: float = 0.0, **blockwise_cfg) -> Path:
     """Stage 1 with a constant lr, no clipping, one held-out evaluation at the end (so the kept weights
     are the last ones): the conditions under which blockwise and joint training must agree."""
     r = {"out_dir": str(out), "seed": 0, "threads": 1,
@@ -45,7 +43,7 @@ def recipe(assets: Path, out: Path, **blockwise_cfg) -> Path:
          "data": {"train": str(assets / "train"), "train_filter": "", "eval_in_domain": "heldout",
                   "eval_out_of_domain": str(assets / "train"), "seq_len": 32, "heldout_chunks": 2, "eval_windows": 1},
          "distill": {"max_steps": 5, "grad_accum": 2, "eval_every": 5, "checkpoint_every": 2,
-                     "scheduler": "constant", "max_grad_norm": 0.0},
+                     "scheduler": "constant", "max_grad_norm": 0.0, "attention_ce_weight": attention_ce_weight},
          "lora": {"max_steps": 0}, "report": {"enabled": False},
          "blockwise": {"block_size": 1, "shard_dtype": "float32", "chunks_per_shard": 16, **blockwise_cfg}}
     path = out.parent / f"{out.name}.yaml"
@@ -55,15 +53,24 @@ def recipe(assets: Path, out: Path, **blockwise_cfg) -> Path:
 
 
 @pytest.fixture(scope="module")
-def joint(assets, tmp_path_factory) -> dict[str, torch.Tensor]:
-    out = tmp_path_factory.mktemp("joint") / "out"
-    linearize(load_config(str(recipe(assets, out))))
-    return load_file(str(out / "attention.safetensors"))
+def joint(assets, tmp_path_factory) -> Callable[[float], dict[str, torch.Tensor]]:
+    """Joint stage 1's weights for an attention cross-entropy weight (each trained once per module)."""
+    done: dict[float, dict[str, torch.Tensor]] = {}
+
+    def weights(attention_ce_weight: float) -> dict[str, torch.Tensor]:
+        if attention_ce_weight not in done:
+            out = tmp_path_factory.mktemp("joint") / "out"
+            linearize(load_config(str(recipe(assets, out, attention_ce_weight))))
+            done[attention_ce_weight] = load_file(str(out / "attention.safetensors"))
+        return done[attention_ce_weight]
+
+    return weights
 
 
-@pytest.mark.parametrize("k", [1, 2], ids=["k1", "k2"])
-def test_blockwise_stage1_equals_joint_stage1(assets, joint, tmp_path, k):
-    """Blockwise feature maps equal joint stage 1's (atol 1e-5), for k = 1 and k = 2.
+@pytest.mark.parametrize("k,ce", [(1, 0.0), (2, 0.0), (2, 0.5)], ids=["k1", "k2", "k2-attention-ce"])
+def test_blockwise_stage1_equals_joint_stage1(assets, joint, tmp_path, k, ce):
+    """Blockwise feature maps equal joint stage 1's (atol 1e-5), for k = 1 and k = 2, and with Hedgehog's
+    attention cross-entropy on (weighted 1/L per layer like the MSE).
 
     Why they must: in joint stage 1 the teacher's output flows on, so every layer's input is the original
     model's hidden state whatever the feature maps are, and layer l's weights receive the gradient of
@@ -75,15 +82,16 @@ def test_blockwise_stage1_equals_joint_stage1(assets, joint, tmp_path, k):
     last weights). The data order must be the same (chunk order is a function of seed and epoch only), and
     so must the initial weights (each layer's init is seeded by (seed, layer index)).
     """
-    cfg = load_config(str(recipe(assets, tmp_path / "out", block_size=k)))
+    cfg = load_config(str(recipe(assets, tmp_path / "out", ce, block_size=k)))
     pre = blockwise.precompute(cfg)
     assert pre.written and not pre.problems
     results = blockwise.train(cfg)
     assert [r["block"] for r in results] == list(range(4 // k))
     assert all(r["steps"] == 5 and r["tokens"] == 5 * 2 * 32 for r in results)  # steps x grad_accum x seq_len
     merged, _ = merge_blocks(cfg)
-    assert sorted(merged) == sorted(joint)
-    for name, t in joint.items():
+    expected = joint(ce)
+    assert sorted(merged) == sorted(expected)
+    for name, t in expected.items():
         torch.testing.assert_close(merged[name], t, atol=1e-5, rtol=0, msg=name)
     # and training moved them away from their (seeded) initial values
     init = _initial_state(cfg)
@@ -298,8 +306,8 @@ def test_a_block_loads_only_its_own_layers(assets, tmp_path):
 
     cfg = load_config(str(recipe(assets, tmp_path / "out", block_size=2)))
     sm, _ = streaming_model(cfg)
-    wrappers = _block_model(cfg, sm, range(2, 4))
-    assert sorted(wrappers) == [2, 3]
+    transfer = _block_model(cfg, sm, range(2, 4))
+    assert [w.layer_idx for w in transfer.layers] == [2, 3] and transfer.total == 4
     for i, layer in enumerate(sm.layers):
         base = [p for n, p in layer.named_parameters() if "feature_map" not in n and "window_factor" not in n]
         assert all(p.is_meta != (i in (2, 3)) for p in base), i

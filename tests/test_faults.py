@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import build_tiny, make_corpus, make_tiny_model_folder, make_tokenizer
+from conftest import make_corpus, make_tiny_model_folder, tiny_recipe, write_recipe
 
 from lolcats.io import sha256_file
 
@@ -106,18 +106,7 @@ def linearize_ref(tmp_path_factory):
     make_tiny_model_folder(root / "base")
     make_corpus(root / "train", docs=12, words=200)
     make_corpus(root / "ood", docs=2, words=200, seed=100)
-    recipe = {
-        "out_dir": str(root / "ref"), "seed": 0, "threads": 1,
-        "model": {"name_or_path": str(root / "base"), "device": "cpu"},
-        "attention": {"variant": "terraced", "window_size": 8, "feature_dim": 8},
-        "data": {"train": str(root / "train"), "train_filter": "", "eval_in_domain": "heldout",
-                 "eval_out_of_domain": str(root / "ood"), "seq_len": 32, "heldout_chunks": 2, "eval_windows": 2},
-        "distill": {"max_steps": 4, "grad_accum": 2, "eval_every": 2, "checkpoint_every": 1},
-        "lora": {"max_steps": 3, "grad_accum": 2, "lr": 1e-3, "eval_every": 2, "checkpoint_every": 1},
-        "report": {"enabled": False},
-    }
-    path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = write_recipe(root / "recipe.yaml", tiny_recipe(root, root / "ref", **{"report.enabled": False}))
     keys = record(["linearize", str(path)], root / "keys.txt")
     out = root / "ref"
     return path, root, keys, (sha256_file(out / "attention.safetensors"), sha256_file(out / ADAPTER_WEIGHTS))
@@ -173,10 +162,7 @@ def blockwise_ref(tmp_path_factory):
     """A 4-layer tiny Llama in blocks of 2 (8 shards), 4 steps a block with a checkpoint every step, and its
     uninterrupted precompute and train: (recipe, root, precompute keys, train keys, reference out_dir)."""
     root = tmp_path_factory.mktemp("faults-blockwise")
-    tok = make_tokenizer(root / "base")
-    model = build_tiny("llama", seed=0, vocab_size=len(tok), eos_token_id=2, bos_token_id=1, pad_token_id=2,
-                       num_hidden_layers=4)
-    model.save_pretrained(root / "base")
+    make_tiny_model_folder(root / "base", num_hidden_layers=4)
     make_corpus(root / "train", docs=8, words=200)
     recipe = {
         "out_dir": str(root / "ref"), "seed": 0, "threads": 1,

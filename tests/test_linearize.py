@@ -10,9 +10,10 @@ import yaml
 from conftest import make_tiny_model_folder
 
 import lolcats
-from lolcats.checkpoint import CheckpointError, export_merged, load
+from lolcats.checkpoint import CheckpointError, load
 from lolcats.cli import main
 from lolcats.config import load_config
+from lolcats.export import export_merged
 from lolcats.pipeline import linearize
 
 EXPECTED_FILES = {"report.md", "attention_mse.png", "attention.safetensors", "adapter", "lolcats_config.json",

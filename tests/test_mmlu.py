@@ -93,9 +93,9 @@ def test_cached_batched_equals_uncached(tmp_path, tokenizer, kind, shots):
 
 
 def test_chunked_fallback_and_head_without_output_embeddings(tmp_path, tokenizer, monkeypatch):
-    """Questions too long for the dense read of a frozen state take the chunked form, and a model without
-    an output-embedding module keeps its logits by position: both still equal the uncached path."""
-    import lolcats.attention.hybrid as hybrid
+    """Questions too long for the dense read of the shared prefix state take the chunked form, and a model
+    without an output-embedding module keeps its logits by position: both still equal the uncached path."""
+    import lolcats.eval.shared_prefix as shared_prefix
 
     data = load_jsonl(write_jsonl(tmp_path / "m.jsonl"))
     torch.manual_seed(0)
@@ -103,12 +103,12 @@ def test_chunked_fallback_and_head_without_output_embeddings(tmp_path, tokenizer
     convert_model(model, AttentionConfig(variant="terraced", window_size=8, chunk_size=8))
     slow = evaluate_mmlu(model, tokenizer, data, batch_size=1, cached=False)
     calls = []
-    dense = hybrid.attend_on_state
-    monkeypatch.setattr(hybrid, "attend_on_state", lambda *a, **k: calls.append(1) or dense(*a, **k))
-    monkeypatch.setattr(hybrid, "DENSE_MAX_TOKENS", 0)
+    dense = shared_prefix.attend_on_state
+    monkeypatch.setattr(shared_prefix, "attend_on_state", lambda *a, **k: calls.append(1) or dense(*a, **k))
+    monkeypatch.setattr(shared_prefix, "DENSE_MAX_TOKENS", 0)
     monkeypatch.setattr(model, "get_output_embeddings", lambda: None)
     fast = evaluate_mmlu(model, tokenizer, data, batch_size=4, cached=True)
-    assert not calls  # every batch went through extend_state
+    assert not calls  # every batch went through the chunked attend_after
     assert _scores(fast)[1] == _scores(slow)[1]
     torch.testing.assert_close(_scores(fast)[0], _scores(slow)[0], atol=1e-4, rtol=0)
 
@@ -161,6 +161,18 @@ def test_stem_groups_share_exact_token_prefixes(tmp_path, tokenizer):
     # nothing shared that far: every question alone
     assert stem_groups([[1, 2, 3], [1, 2, 4], [5]], min_stem=32) == [(0, [0, 1, 2])]
     assert stem_groups([[1, 2, 3], [1, 2, 4], [5]], min_stem=2) == [(2, [0, 1]), (0, [2])]
+
+
+def test_batch_plan_runs_each_question_once_shortest_first():
+    from lolcats.eval.mmlu import batch_plan, stem_groups
+
+    rests = [[1, 2, 3, 9, 9], [1, 2, 4], [5, 6], [7], [1, 2, 3, 8], [6, 6, 6]]
+    plan = batch_plan(rests, batch_size=2, min_stem=2)
+    assert plan == [(2, [[1, 4], [0]]), (0, [[3, 2], [5]])]
+    for (stem, batches), (stem_g, group) in zip(plan, stem_groups(rests, min_stem=2), strict=True):
+        flat = [i for batch in batches for i in batch]
+        assert stem == stem_g and sorted(flat) == sorted(group) and all(len(b) <= 2 for b in batches)
+        assert [len(rests[i]) for i in flat] == sorted(len(rests[i]) for i in group)
 
 
 @pytest.mark.parametrize("kind", ["softmax", "terraced", "linear", "skip_first"])
@@ -256,7 +268,7 @@ def test_hf_style_jsonl(tmp_path):
 
 
 def test_missing_data_path():
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="not found|does not exist"):
         load_mmlu("/no/such/mmlu.jsonl")
 
 
@@ -331,7 +343,7 @@ def test_hf_source_reads_test_and_dev_splits(monkeypatch):
 
 
 def test_bfloat16_base_keeps_trainable_weights_in_float32(tokenizer, tmp_path):
-    from lolcats.checkpoint import cast_base
+    from lolcats.base_model import cast_base
 
     torch.manual_seed(0)
     model = build_tiny("llama", vocab_size=len(tokenizer))

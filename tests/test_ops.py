@@ -8,6 +8,8 @@ import torch
 from lolcats.feature_maps import build_feature_map
 from lolcats.ops import (
     VARIANTS,
+    AttentionSpec,
+    attend_after,
     attend_on_state,
     decode_step,
     empty_state,
@@ -36,9 +38,15 @@ def make_inputs(t: int, seed: int = 0, dtype=torch.float32, pad: int = 0):
     return q, k, v, fmap_q, fmap_k, gamma, valid
 
 
-def run(form, q, k, v, fmap_q, fmap_k, gamma, valid, variant, window=W, **kw):
+def spec(variant: str, window: int = W, chunk_size: int = 64) -> AttentionSpec:
+    return AttentionSpec(variant, window, D**-0.5, chunk_size)
+
+
+def run(form, q, k, v, fmap_q, fmap_k, gamma, valid, variant, window=W, chunk_size=64):
+    """The output of ``form`` (reference or chunked; the chunked form's totals dropped)."""
     fq, fk = fmap_q(q), fmap_k(repeat_kv(k, H // HKV))
-    return form(q, k, v, fq, fk, gamma, variant=variant, window_size=window, scale=D**-0.5, valid=valid, **kw)
+    y = form(q, k, v, fq, fk, gamma, spec(variant, window, chunk_size), valid)
+    return y[0] if isinstance(y, tuple) else y
 
 
 CASES = [(1, 8), (5, 8), (W - 1, 8), (50, 8), (77, 16), (130, 32), (200, 64), (100, 12), (90, 24)]
@@ -114,6 +122,36 @@ def test_variants_differ_where_they_should():
     torch.testing.assert_close(ys["sliding_window"][:, :, :W], ys["terraced"][:, :, :W])
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_chunked_totals_are_sums_over_real_keys(variant):
+    """The totals the chunked pass returns are Σ φ_k(k) vᵀ and Σ φ_k(k) over every real key (padding left out)."""
+    q, k, v, fmap_q, fmap_k, gamma, valid = make_inputs(77, pad=6, dtype=torch.float64)
+    fk = fmap_k(repeat_kv(k, H // HKV))
+    _, (kv, k_sum) = hybrid_attention_chunked(q, k, v, fmap_q(q), fk, gamma, spec(variant, chunk_size=16), valid)
+    real = fk * valid[:, None, :, None]
+    torch.testing.assert_close(kv, real.transpose(-1, -2) @ repeat_kv(v, H // HKV))
+    torch.testing.assert_close(k_sum, real.sum(2))
+
+
+def test_window_shapes_are_registered_with_their_lookback_and_slots():
+    shapes = {name: AttentionSpec(name, W, 1.0).shape for name in VARIANTS}
+    assert {n: (s.lookback, s.slots, s.leaving_per_step) for n, s in shapes.items()} == {
+        "sliding_window": (W - 1, W, 1), "terraced": (2 * W - 1, 2 * W, W), "linear": (0, 0, 1)}
+    # chunks aligned with terraced blocks look back less than the general 2w - 1
+    assert shapes["terraced"].aligned_lookback(8) == 2 * W - 8 and shapes["sliding_window"].aligned_lookback(8) == W - 1
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"variant": "sliding"}, "unknown attention variant 'sliding'; choose one of sliding_window, terraced, linear"),
+    ({"window_size": 0}, "AttentionSpec.window_size=0 must be a positive integer"),
+    ({"chunk_size": 2.5}, "AttentionSpec.chunk_size=2.5 must be a positive integer"),
+    ({"scale": float("nan")}, "AttentionSpec.scale=nan must be a finite number"),
+])
+def test_attention_spec_names_a_bad_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AttentionSpec(**{"variant": "terraced", "window_size": W, "scale": 1.0, "chunk_size": 8, **kwargs})
+
+
 # ----------------------------------------------------------------------------------------- decode
 
 DECODE_T = 300
@@ -122,13 +160,11 @@ DECODE_T = 300
 def decode_all(q, k, v, fmap_q, fmap_k, gamma, valid, variant, window, state=None, start=0):
     fq = fmap_q(q)
     if state is None:
-        state = empty_state(B, H, HKV, D, D, fmap_k.out_dim, variant=variant, window_size=window,
-                            dtype=q.dtype, device=q.device)
+        state = empty_state(B, H, HKV, D, D, fmap_k.out_dim, spec(variant, window), dtype=q.dtype, device=q.device)
     ys = []
     for i in range(start, q.shape[2]):
         y, state = decode_step(state, q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1],
-                               fq[:, :, i : i + 1], gamma, fmap_k, variant=variant, window_size=window,
-                               scale=D**-0.5, valid=valid[:, i])
+                               fq[:, :, i : i + 1], gamma, fmap_k, spec(variant, window), valid[:, i])
         ys.append(y)
     return torch.cat(ys, dim=2), state
 
@@ -155,8 +191,7 @@ def test_prefill_then_decode_matches_parallel(variant, prompt):
     with torch.no_grad():
         parallel = run(hybrid_attention_chunked, q, k, v, fmap_q, fmap_k, gamma, valid, variant, window=64)
         fk = fmap_k(repeat_kv(k[:, :, :prompt], H // HKV))
-        state = prefill_state(k[:, :, :prompt], v[:, :, :prompt], fk, variant=variant, window_size=64,
-                              valid=valid[:, :prompt])
+        state = prefill_state(k[:, :, :prompt], v[:, :, :prompt], fk, spec(variant, 64), valid[:, :prompt])
         steps, _ = decode_all(q, k, v, fmap_q, fmap_k, gamma, valid, variant, 64, state=state, start=prompt)
     torch.testing.assert_close(steps, parallel[:, :, prompt:], atol=1e-5, rtol=1e-5)
 
@@ -183,14 +218,12 @@ def test_extend_state_matches_parallel_and_decode(variant, pad, pieces):
     with torch.no_grad():
         parallel = run(hybrid_attention_chunked, q, k, v, fmap_q, fmap_k, gamma, valid, variant, window=64)
         _, stepped = decode_all(q, k, v, fmap_q, fmap_k, gamma, valid, variant, 64)
-        state = empty_state(B, H, HKV, D, D, fmap_k.out_dim, variant=variant, window_size=64,
-                            dtype=q.dtype, device=q.device)
+        state = empty_state(B, H, HKV, D, D, fmap_k.out_dim, spec(variant, 64), dtype=q.dtype, device=q.device)
         ys, start = [], 0
         for n in pieces:
             sl = slice(start, start + n)
             y, state = extend_state(state, q[:, :, sl], k[:, :, sl], v[:, :, sl], fmap_q(q[:, :, sl]), gamma, fmap_k,
-                                    variant=variant, window_size=64, scale=D**-0.5, valid=valid[:, sl],
-                                    chunk_size=32)
+                                    spec(variant, 64, chunk_size=32), valid[:, sl])
             ys.append(y)
             start += n
     torch.testing.assert_close(torch.cat(ys, dim=2), parallel, atol=1e-5, rtol=1e-5)
@@ -203,39 +236,40 @@ def test_extend_state_matches_parallel_and_decode(variant, pad, pieces):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("prefix,t", [(1, 5), (40, 1), (70, 30), (129, 64), (200, 150)])
 def test_attend_on_state_matches_parallel(variant, prefix, t):
-    """Continuations read against a frozen state — the state's own rows (row 1 left-padded) and one
-    shared batch-1 state read by every row — equal the parallel pass over prefix + continuation
-    (w = 64, fp32, atol 1e-5); the state is left as it was; gradients equal extend_state's."""
+    """Continuations read against a state that is not advanced — the state's own rows (row 1 left-padded) and
+    one shared batch-1 state read by every row — equal the parallel pass over prefix + continuation
+    (w = 64, fp32, atol 1e-5); the state is left as it was; gradients equal the chunked attend_after's."""
     q, k, v, fmap_q, fmap_k, gamma, valid = make_inputs(prefix + t, seed=5, pad=min(prefix - 1, 9))
-    kw = {"variant": variant, "window_size": 64, "scale": D**-0.5}
+    sp = spec(variant, 64)
     pre, new = slice(0, prefix), slice(prefix, prefix + t)
     with torch.no_grad():
         parallel = run(hybrid_attention_chunked, q, k, v, fmap_q, fmap_k, gamma, valid, variant, window=64)
         fk = fmap_k(repeat_kv(k[:, :, pre], H // HKV))
-        state = prefill_state(k[:, :, pre], v[:, :, pre], fk, variant=variant, window_size=64, valid=valid[:, pre])
+        state = prefill_state(k[:, :, pre], v[:, :, pre], fk, sp, valid[:, pre])
         before = [x.clone() for x in state.tensors()]
-        y = attend_on_state(state, q[:, :, new], k[:, :, new], v[:, :, new], fmap_q(q[:, :, new]), gamma, fmap_k,
-                            **kw)
+        y = attend_on_state(state, q[:, :, new], k[:, :, new], v[:, :, new], fmap_q(q[:, :, new]), gamma, fmap_k, sp)
         torch.testing.assert_close(y, parallel[:, :, new], atol=1e-5, rtol=1e-5)
+        chunked = attend_after(state, q[:, :, new], k[:, :, new], v[:, :, new], fmap_q(q[:, :, new]), gamma, fmap_k, sp)
+        torch.testing.assert_close(chunked, parallel[:, :, new], atol=1e-5, rtol=1e-5)
         for got, want in zip(state.tensors(), before, strict=True):
             assert torch.equal(got, want)
         # One prefix (row 0's), three different continuations: each as if run alone after it.
-        shared = prefill_state(k[:1, :, pre], v[:1, :, pre], fk[:1], variant=variant, window_size=64)
+        shared = prefill_state(k[:1, :, pre], v[:1, :, pre], fk[:1], sp)
         rows = [torch.cat([x[:1, :, pre], x[r : r + 1, :, new]], dim=2) for x in (q, k, v) for r in (0, 1, 0)]
         qs, ks, vs = (torch.cat(rows[i : i + 3]) for i in (0, 3, 6))
         qs[2, :, prefix:] *= 0.5  # a third continuation unlike the first
-        want = hybrid_attention_chunked(qs, ks, vs, fmap_q(qs), fmap_k(repeat_kv(ks, H // HKV)), gamma, **kw)
+        want, _ = hybrid_attention_chunked(qs, ks, vs, fmap_q(qs), fmap_k(repeat_kv(ks, H // HKV)), gamma, sp)
         got = attend_on_state(shared, qs[:, :, new], ks[:, :, new], vs[:, :, new], fmap_q(qs[:, :, new]), gamma,
-                              fmap_k, **kw)
+                              fmap_k, sp)
         torch.testing.assert_close(got, want[:, :, new], atol=1e-5, rtol=1e-5)
-    # Gradients (q, k, v, γ and both feature maps) equal the chunked extend_state's.
+    # Gradients (q, k, v, γ and both feature maps) equal the chunked form's.
     grads = []
     for dense in (True, False):
         leaves = [x[:, :, new].clone().requires_grad_() for x in (q, k, v)] + [gamma.clone().requires_grad_()]
         for p in (*fmap_q.parameters(), *fmap_k.parameters()):
             p.grad = None
         args = (state, *leaves[:3], fmap_q(leaves[0]), leaves[3], fmap_k)
-        out = attend_on_state(*args, **kw) if dense else extend_state(*args, **kw, update=False)[0]
+        out = (attend_on_state if dense else attend_after)(*args, sp)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads.append([x.grad for x in leaves] + [p.grad for p in (*fmap_q.parameters(), *fmap_k.parameters())])
     for a, b in zip(*grads, strict=True):  # None: no path to that leaf (no linear pair reads φ_k), a zero gradient

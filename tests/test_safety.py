@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_corpus, make_tiny_model_folder
+from conftest import make_corpus, make_tiny_model_folder, tiny_recipe, write_recipe
 
 import lolcats
-from lolcats.checkpoint import CheckpointError, export_merged, load
+from lolcats.checkpoint import CheckpointError, load
 from lolcats.cli import main
 from lolcats.config import load_config
+from lolcats.export import export_merged
 from lolcats.io import sha256_file
 from lolcats.pipeline import linearize
 
@@ -35,25 +36,9 @@ class EvilModel(LlamaForCausalLM):
 
 
 def recipe(root: Path, **changes) -> Path:
-    data = {
-        "out_dir": str(root / "out"), "seed": 0, "threads": 1,
-        "model": {"name_or_path": str(root / "base"), "device": "cpu"},
-        "attention": {"variant": "terraced", "window_size": 8, "feature_dim": 8},
-        "data": {"train": str(root / "train"), "train_filter": "", "eval_in_domain": "heldout",
-                 "eval_out_of_domain": str(root / "train"), "seq_len": 32, "heldout_chunks": 2, "eval_windows": 1},
-        "distill": {"max_steps": 2, "grad_accum": 1, "eval_every": 2, "checkpoint_every": 1},
-        "lora": {"max_steps": 2, "grad_accum": 1, "lr": 1e-3, "eval_every": 2, "checkpoint_every": 1},
-        "report": {"enabled": False},
-    }
-    for key, value in changes.items():
-        node = data
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    small = {"distill.max_steps": 2, "distill.grad_accum": 1, "lora.max_steps": 2, "lora.grad_accum": 1,
+             "data.eval_windows": 1, "data.eval_out_of_domain": str(root / "train"), "report.enabled": False}
+    return write_recipe(root / "recipe.yaml", tiny_recipe(root, **small, **changes))
 
 
 @pytest.fixture(scope="module")

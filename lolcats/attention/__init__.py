@@ -1,6 +1,15 @@
-"""Swapped attention modules and their decode cache."""
+"""Swapped attention modules, their decode cache, and where a model keeps its attention layers."""
 
-from lolcats.attention.cache import LolcatsCache, LolcatsCacheLayer, cache_nbytes, layer_state
+from lolcats.attention.cache import LolcatsCacheLayer, cache_nbytes, layer_state
 from lolcats.attention.hybrid import LolcatsAttention, token_validity
+from lolcats.attention.layers import LolcatsCache, find_decoder_layers
 
-__all__ = ["LolcatsAttention", "LolcatsCache", "LolcatsCacheLayer", "cache_nbytes", "layer_state", "token_validity"]
+__all__ = [
+    "LolcatsAttention",
+    "LolcatsCache",
+    "LolcatsCacheLayer",
+    "cache_nbytes",
+    "find_decoder_layers",
+    "layer_state",
+    "token_validity",
+]

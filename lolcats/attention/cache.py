@@ -2,21 +2,22 @@
 
 A linearized layer keeps a :class:`lolcats.ops.DecodeState` (constant size) instead of growing
 keys/values. :class:`LolcatsCacheLayer` is a ``CacheLayerMixin``, so it lives in any HF cache object
-(``DynamicCache`` included) next to the ordinary key/value layers of layers kept as softmax.
+(``DynamicCache`` included) next to the ordinary key/value layers of layers kept as softmax
+(:class:`lolcats.attention.LolcatsCache` lays one out for a converted model).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from lolcats.ops import DecodeState
 
 
 class LolcatsCacheLayer(CacheLayerMixin):
-    """One linearized layer's decode state. A ``frozen`` layer is read, never advanced: several
-    continuations of one prefix are scored against the same state (few-shot evaluation)."""
+    """One linearized layer's decode state, advanced by every call of the layer (prefill, then tokens added
+    several at once or one by one). A subclass may read its state another way by overriding :meth:`attend`."""
 
     is_compileable = False
     is_croppable = False
@@ -26,7 +27,12 @@ class LolcatsCacheLayer(CacheLayerMixin):
     def __init__(self) -> None:
         super().__init__()
         self.state: DecodeState | None = None
-        self.frozen = False  # True: tokens attend to the state without being added to it
+
+    def attend(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
+        """Attention of the linearized layer ``attn`` (a :class:`lolcats.attention.LolcatsAttention`) over new
+        tokens with this state: its own cached path, which advances the state. q (B, H, T, D), k and v
+        (B, Hkv, T, D), valid (B, T) or None -> (B, H, T, D)."""
+        return attn.attend_cached(q, k, v, valid, self)
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.is_initialized = True
@@ -93,20 +99,6 @@ def cache_nbytes(obj: object, _seen: set[int] | None = None) -> int:
     if hasattr(obj, "__dict__") and not isinstance(obj, type):
         return sum(cache_nbytes(v, seen) for v in vars(obj).values())
     return 0
-
-
-class LolcatsCache(DynamicCache):
-    """A ``DynamicCache`` whose linearized layers hold decode states (``model.generate`` also works with
-    a plain ``DynamicCache``: linearized layers put their state in it on first use)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        from lolcats.attention.hybrid import LolcatsAttention
-        from lolcats.convert import find_decoder_layers
-
-        super().__init__()
-        for layer in find_decoder_layers(model):
-            linear = isinstance(layer.self_attn, LolcatsAttention)
-            self.layers.append(LolcatsCacheLayer() if linear else DynamicLayer())
 
 
 def layer_state(cache: object, layer_idx: int) -> LolcatsCacheLayer:

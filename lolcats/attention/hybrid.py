@@ -9,7 +9,7 @@ from lolcats.attention.cache import LolcatsCacheLayer, layer_state
 from lolcats.config import AttentionConfig
 from lolcats.feature_maps import build_feature_map
 from lolcats.models import Family, rotary_function
-from lolcats.ops import attend_on_state, decode_step, extend_state, hybrid_attention_chunked, prefill_state, repeat_kv
+from lolcats.ops import AttentionSpec, decode_step, extend_state, hybrid_attention_chunked, prefill_state, repeat_kv
 
 
 def token_validity(attention_mask: Tensor | None, q_len: int) -> Tensor | None:
@@ -30,17 +30,13 @@ def token_validity(attention_mask: Tensor | None, q_len: int) -> Tensor | None:
     return diag
 
 
-# A frozen state is read by at most this many new tokens per row in one dense pass (O(T²) per row);
-# longer continuations take the chunked form.
-DENSE_MAX_TOKENS = 512
-
-
 class LolcatsAttention(nn.Module):
     """Hybrid sliding-window + linear attention (LoLCATs, paper Eq. 7) in place of softmax attention.
 
     Keeps the original module's q/k/v/o projections (and q/k norms) under their original names, so
     state dicts and LoRA target names are unchanged; adds per-head feature maps for q and k and a
-    per-head window factor γ = sigmoid(ω).
+    per-head window factor γ = sigmoid(ω). Without a cache it attends in parallel; with one, a prompt is
+    summarised into a decode state (prefill), which later tokens extend, several at once or one by one.
     """
 
     def __init__(self, base: nn.Module, family: Family, config: AttentionConfig, layer_idx: int,
@@ -58,6 +54,7 @@ class LolcatsAttention(nn.Module):
         self.native_window = family.native_window(base)
         self.hf_config = getattr(base, "config", None)
         self._rotary = rotary_function(base)
+        self.spec = AttentionSpec(config.variant, config.window_size, self.scaling, config.chunk_size)
         # trainable weights live beside the base weights, in float32 or wider
         ref = next(base.parameters())
         device, dtype = ref.device, torch.promote_types(ref.dtype, torch.float32)
@@ -89,6 +86,10 @@ class LolcatsAttention(nn.Module):
     def feature_k(self, k: Tensor) -> Tensor:
         return self.feature_map_k(k)
 
+    def gamma(self) -> Tensor:
+        """(H,) window factor γ = sigmoid(ω)."""
+        return torch.sigmoid(self.window_factor)
+
     def forward(
         self,
         hidden_states: Tensor,
@@ -106,20 +107,17 @@ class LolcatsAttention(nn.Module):
             valid = None  # no padding: lets the chunked form use block-aligned chunks
         if past_key_values is None:
             y = self.attend(q, k, v, valid)
-        else:
-            y = self.attend_cached(q, k, v, valid, layer_state(past_key_values, self.layer_idx))
+        else:  # the cache layer decides how its state is read; a LolcatsCacheLayer calls attend_cached
+            y = layer_state(past_key_values, self.layer_idx).attend(self, q, k, v, valid)
         y = y.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
         return self.o_proj(y), None
 
-    def _parallel(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
-                  totals: list | None = None) -> tuple[Tensor, Tensor]:
-        """Chunked O(T) form; returns the output and φ_k of the keys (a prefill reuses it, and ``totals``)."""
-        c = self.attn_config
+    def _parallel(self, q: Tensor, k: Tensor, v: Tensor,
+                  valid: Tensor | None) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """Chunked O(T) form: the output, φ_k of the keys and the pass's totals (a prefill reuses both)."""
         fq, fk = self.features(q, k)
-        y = hybrid_attention_chunked(
-            q, k, v, fq, fk, torch.sigmoid(self.window_factor), variant=c.variant,
-            window_size=c.window_size, scale=self.scaling, valid=valid, chunk_size=c.chunk_size, totals=totals)
-        return y, fk
+        y, totals = hybrid_attention_chunked(q, k, v, fq, fk, self.gamma(), self.spec, valid)
+        return y, fk, totals
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
         """Parallel O(T) form over a whole sequence: (B, H, T, D) -> (B, H, T, D)."""
@@ -127,27 +125,16 @@ class LolcatsAttention(nn.Module):
 
     def attend_cached(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
                       cache: LolcatsCacheLayer) -> Tensor:
-        """Attend with a decode state: a prompt runs in parallel and is summarised; later tokens extend the
-        state, several at once in chunked form or one by one."""
-        c = self.attn_config
+        """Attend with a decode state and advance it: a prompt runs in parallel and is summarised (prefill);
+        later tokens extend the state, several at once in chunked form or one by one (decode)."""
         if cache.state is None:
-            totals = []
-            y, fk = self._parallel(q, k, v, valid, totals)
-            cache.state = prefill_state(k, v, fk, variant=c.variant, window_size=c.window_size, valid=valid,
-                                        totals=totals)
+            y, fk, totals = self._parallel(q, k, v, valid)
+            cache.state = prefill_state(k, v, fk, self.spec, valid, totals=totals)
             return y
-        gamma = torch.sigmoid(self.window_factor)
         fq = self.feature_map_q(q)
-        kw = {"variant": c.variant, "window_size": c.window_size, "scale": self.scaling}
-        if cache.frozen:  # read only: the state (maybe one prefix shared by every row) is never advanced
-            if valid is None and q.shape[2] <= DENSE_MAX_TOKENS and cache.state.started():
-                return attend_on_state(cache.state, q, k, v, fq, gamma, self.feature_k, **kw).to(q.dtype)
-            return extend_state(cache.state.broadcast(q.shape[0]), q, k, v, fq, gamma, self.feature_k, **kw,
-                                valid=valid, chunk_size=c.chunk_size, update=False)[0]
         if q.shape[2] > 1:  # several tokens on top of a state (a cached prefix): chunked
-            y, cache.state = extend_state(cache.state, q, k, v, fq, gamma, self.feature_k, **kw, valid=valid,
-                                          chunk_size=c.chunk_size)
+            y, cache.state = extend_state(cache.state, q, k, v, fq, self.gamma(), self.feature_k, self.spec, valid)
             return y
-        y, cache.state = decode_step(cache.state, q, k, v, fq, gamma, self.feature_k, **kw,
-                                     valid=None if valid is None else valid[:, 0])
+        y, cache.state = decode_step(cache.state, q, k, v, fq, self.gamma(), self.feature_k, self.spec,
+                                     None if valid is None else valid[:, 0])
         return y

@@ -1,4 +1,4 @@
-"""Block-by-block stage 1 for 70B–405B models (DESIGN.md §1 "Block-by-block"; paper §3.3).
+"""Block-by-block stage 1 for 70B–405B models (docs/blockwise.md; paper §3.3).
 
 ``plan`` reads only the model config; ``precompute`` streams the teacher one layer at a time and writes,
 for every block start, the residual-stream hidden states entering it (shards + manifest, see

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from lolcats.base_model import DTYPES, pick_device
 from lolcats.blockwise.streaming import StreamingModel
-from lolcats.checkpoint import DTYPES, pick_device, resolve_model_path
 from lolcats.config import LolcatsConfig
+from lolcats.sources import resolve_model
 
-Progress = Callable[[str, int], Any]  # (description, total) -> an object with update(step, tokens, record) / end()
 
 class BlockwiseError(RuntimeError):
     """A block-by-block step cannot go on; the message says why and what to do."""
@@ -50,7 +48,7 @@ def fmt_bytes(n: float) -> str:
 
 
 def streaming_model(cfg: LolcatsConfig) -> tuple[StreamingModel, str]:
-    path = resolve_model_path(cfg.model.name_or_path)
+    path = resolve_model(cfg.model.name_or_path)
     if not Path(path).is_dir():
         raise FileNotFoundError(f"block-by-block work reads weights layer by layer from a local folder; "
                                 f"{cfg.model.name_or_path} is not one (download it first)")

@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
+from lolcats.base_model import DTYPES
 from lolcats.blockwise.common import block_ranges, disk_bytes, fmt_bytes
-from lolcats.checkpoint import DTYPES, resolve_model_path
 from lolcats.config import LolcatsConfig
 from lolcats.convert import TRAINABLE_KEYS, convert_model, find_decoder_layers
+from lolcats.sources import resolve_model
 
 
 def plan(cfg: LolcatsConfig, tokens: int | None = None, model_config: str | None = None,
@@ -29,7 +30,7 @@ def plan(cfg: LolcatsConfig, tokens: int | None = None, model_config: str | None
     source = model_config or cfg.blockwise.model_config
     if source and not Path(source).expanduser().exists() and recipe_dir is not None:
         source = str(recipe_dir / source)
-    source = source or resolve_model_path(cfg.model.name_or_path)
+    source = source or resolve_model(cfg.model.name_or_path)
     path = Path(source).expanduser()
     if path.is_file():
         hf_config = AutoConfig.from_pretrained(str(path.parent) if path.name == "config.json" else str(path),

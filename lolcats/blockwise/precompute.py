@@ -11,12 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lolcats.blockwise.common import Progress, block_ranges, hidden_dir, load_data, streaming_model
+from lolcats.base_model import DTYPES
+from lolcats.blockwise.common import block_ranges, hidden_dir, load_data, streaming_model
 from lolcats.blockwise.shards import Group, ShardStore
 from lolcats.blockwise.streaming import StreamingModel, layer_output
-from lolcats.checkpoint import DTYPES
 from lolcats.config import LolcatsConfig
 from lolcats.io import fault_point
+from lolcats.progress import LogProgress, Progress
 
 
 @dataclass
@@ -30,7 +31,7 @@ class PrecomputeResult:
     seconds: float
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """glibc keeps freed heap for reuse; ``malloc_trim`` returns it to the OS (no-op elsewhere)."""
     import ctypes
     import ctypes.util
@@ -54,7 +55,7 @@ def precompute(cfg: LolcatsConfig, progress: Progress | None = None) -> Precompu
         torch.set_num_threads(cfg.threads)
     sm, path = streaming_model(cfg)
     train, heldout = load_data(cfg, path)
-    _release_freed_memory()  # tokenising the corpus leaves freed heap behind; hand it back before the pass
+    release_freed_memory()  # tokenising the corpus leaves freed heap behind; hand it back before the pass
     blocks = block_ranges(len(sm.layers), cfg.blockwise.block_size)
     store = ShardStore(hidden_dir(cfg), _store_key(cfg, sm, len(train), len(heldout)),
                        DTYPES[cfg.blockwise.shard_dtype])
@@ -68,12 +69,12 @@ def precompute(cfg: LolcatsConfig, progress: Progress | None = None) -> Precompu
     _, kwargs = sm.layer_inputs(seq_len=cfg.data.seq_len)
     waves = _waves(todo, cfg.blockwise.max_inflight_chunks)
     spans = [(min(g.begin for g in w), max(max(g.bad) for g in w)) for w in waves]
-    bar = progress("precompute", sum(blocks[b].start - blocks[a].start for a, b in spans)) if progress else None
+    bar = progress or LogProgress()
+    bar.start("precompute", sum(blocks[b].start - blocks[a].start for a, b in spans), unit="layer")
     stats = _Stats()
     for wave in waves:
         _run_wave(sm, store, blocks, wave, kwargs, stats, bar)
-    if bar:
-        bar.end()
+    bar.end()
     return PrecomputeResult(store.root, stats.written, verified, store.problems, stats.peak, stats.inflight,
                             time.perf_counter() - start)
 
@@ -100,7 +101,7 @@ def _waves(groups: list[Group], limit: int) -> list[list[Group]]:
 
 
 def _run_wave(sm: StreamingModel, store: ShardStore, blocks: list[range], todo: list[Group],
-              kwargs: list[dict[str, Any]], stats: _Stats, bar: Any) -> None:
+              kwargs: list[dict[str, Any]], stats: _Stats, bar: Progress) -> None:
     """One pass over the layers for ``todo``: each group starts from its last verified shard (or the
     embeddings), advances layer by layer, and writes its bad shards as it reaches them."""
     starts = {r.start: b for b, r in enumerate(blocks)}
@@ -145,8 +146,7 @@ def _run_wave(sm: StreamingModel, store: ShardStore, blocks: list[range], todo: 
             stats.tokens += g.state.shape[0] * g.state.shape[1]
         sm.release(layer)
         stats.layers += 1
-        if bar:
-            bar.update(stats.layers, stats.tokens, {"layer": i})
+        bar.update(stats.layers, stats.tokens, {"layer": i})
 
 
 def _store_key(cfg: LolcatsConfig, sm: StreamingModel, n_train: int, n_heldout: int) -> dict[str, Any]:

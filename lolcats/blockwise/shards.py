@@ -1,4 +1,4 @@
-"""Stored block-input hidden states: safetensors shards plus a manifest (DESIGN.md §1 "Block-by-block").
+"""Stored block-input hidden states: safetensors shards plus a manifest (docs/blockwise.md, precompute).
 
 Layout under the hidden-state folder::
 

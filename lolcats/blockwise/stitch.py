@@ -10,11 +10,13 @@ from typing import Any
 from torch import Tensor
 
 from lolcats import distributed
+from lolcats.base_model import pick_device
 from lolcats.blockwise.common import BlockwiseError, blockwise_dir, streaming_model
-from lolcats.checkpoint import ATTENTION_FILE, attention_state, check_finite, pick_device, read_safetensors, verify_files
+from lolcats.checkpoint import ATTENTION_FILE, attention_state, check_finite, read_safetensors, verify_files
 from lolcats.config import LolcatsConfig
 from lolcats.convert import convert_model
 from lolcats.io import atomic_save_safetensors, sha256_file
+from lolcats.run_dir import mark_stage_done, stage_done_path
 
 logger = logging.getLogger(__name__)
 
@@ -70,20 +72,19 @@ def merge_blocks(cfg: LolcatsConfig) -> tuple[dict[str, Tensor], list[dict[str, 
 def stitch(cfg: LolcatsConfig, progress: Any = None):
     """Merge the blocks into ``out_dir/attention.safetensors`` and finish the run (stage 2, report) as
     ``lolcats linearize`` does, which then sees stage 1 as done. Returns the pipeline's RunResult."""
-    from lolcats.pipeline import linearize, mark_stage_done
+    from lolcats.pipeline import linearize
 
     distributed.init_from_env(pick_device(cfg.model.device).type)  # under torchrun, stage 2 is data-parallel
     merged, results = merge_blocks(cfg)
     out = Path(cfg.out_dir).expanduser()
-    done = out / "train_state" / "stage1" / "DONE"
-    if not done.exists() and distributed.is_main():
+    if not stage_done_path(out, "stage1").exists() and distributed.is_main():
         atomic_save_safetensors(merged, out / ATTENTION_FILE, metadata={"format": "lolcats-attention"})
         trained = [r for r in results if r["linearized"]]
         summary = {"trainable": sum(t.numel() for t in merged.values()), "blockwise": True,
                    "blocks": len(results), "steps": max((r["steps"] for r in trained), default=0),
                    "tokens": sum(r["tokens"] for r in trained), "seconds": sum(r["seconds"] for r in trained),
                    "best_step": -1, "best_eval": float("nan"), "sha256": sha256_file(out / ATTENTION_FILE)}
-        mark_stage_done(done, summary)
+        mark_stage_done(out, "stage1", summary)
         logger.info("stitched %d tensors from %d blocks into %s", len(merged), len(results), out / ATTENTION_FILE)
     distributed.barrier()
     return linearize(cfg, progress=progress)

@@ -1,4 +1,4 @@
-"""Layer-streaming access to a Hugging Face checkpoint (DESIGN.md §1, "Block-by-block").
+"""Layer-streaming access to a Hugging Face checkpoint (docs/blockwise.md).
 
 A 405B teacher never fits in memory, so block-by-block work holds the model as a *skeleton*:
 every parameter on the meta device (buffers such as rotary frequencies are real and tiny), with only
@@ -145,9 +145,6 @@ class StreamingModel:
 
         for n, _ in list(module.named_parameters()):
             set_module_tensor_to_device(module, n, "meta")
-
-    def parameter_count(self, layer_ids: range | list[int]) -> int:
-        return sum(p.numel() for i in layer_ids for p in self.layers[i].parameters())
 
     @torch.no_grad()
     def layer_inputs(self, input_ids: Tensor | None = None, seq_len: int | None = None

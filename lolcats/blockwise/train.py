@@ -1,5 +1,9 @@
 """``lolcats blockwise train``: each block alone from its stored inputs, one block per process under
-torchrun (gloo on CPU, nccl on GPUs); per-block checkpoints, metrics and resume."""
+torchrun (gloo on CPU, nccl on GPUs); per-block checkpoints, metrics and resume.
+
+A block trains with joint stage 1's engine (:class:`lolcats.distill.AttentionTransfer` and its loss) over a
+:class:`LayerRunner`, which feeds the block's layers their stored input hidden states instead of running
+the whole model on token ids."""
 
 from __future__ import annotations
 
@@ -12,72 +16,53 @@ import torch
 from torch import Tensor, nn
 
 from lolcats import distributed
-from lolcats.blockwise.common import BlockwiseError, Progress, block_dir, block_ranges, hidden_dir, streaming_model
+from lolcats.base_model import pick_device
+from lolcats.blockwise.common import BlockwiseError, block_dir, block_ranges, hidden_dir, streaming_model
 from lolcats.blockwise.shards import HiddenShards
 from lolcats.blockwise.streaming import StreamingModel, layer_output
-from lolcats.checkpoint import pick_device, resolve_model_path
 from lolcats.config import LolcatsConfig
 from lolcats.convert import TRAINABLE_KEYS, convert_model, linearized_layers
-from lolcats.distill import TransferAttention
-from lolcats.io import atomic_save_safetensors, atomic_write_text, sha256_file
-from lolcats.training import StageSpec, Trainer
+from lolcats.distill import AttentionTransfer
+from lolcats.io import append_jsonl, atomic_save_safetensors, atomic_write_text, sha256_file
+from lolcats.progress import LogProgress, Progress
+from lolcats.sources import resolve_model
+from lolcats.training import Trainer
 
 logger = logging.getLogger(__name__)
 
 
-def _block_model(cfg: LolcatsConfig, sm: StreamingModel, layer_ids: range) -> dict[int, TransferAttention]:
-    """Materialise ``layer_ids``, convert the model (other layers stay on meta) and wrap the block's
-    linearized layers for attention transfer; returns the wrappers by layer index."""
-    from lolcats.attention import LolcatsAttention
+class LayerRunner:
+    """Runs a block's decoder layers on stored hidden states (B, T, D): the block's stage-1 runner
+    (joint stage 1 runs the whole model on token ids)."""
 
+    def __init__(self, sm: StreamingModel, layer_ids: range, seq_len: int) -> None:
+        self.sm, self.layer_ids = sm, layer_ids
+        self.kwargs = sm.layer_inputs(seq_len=seq_len)[1]  # attention mask, rotary cos/sin, positions per layer
+
+    def __call__(self, hidden: Tensor) -> None:
+        h = hidden.to(self.sm.device, self.sm.dtype)
+        for i in self.layer_ids:
+            h = layer_output(self.sm.layers[i](h, **self.kwargs[i]))
+
+
+def _block_model(cfg: LolcatsConfig, sm: StreamingModel, layer_ids: range) -> AttentionTransfer | None:
+    """Materialise ``layer_ids``, convert the model (other layers stay on meta) and wrap the block's
+    linearized layers for attention transfer, each weighted 1/L of the whole model's linearized layers;
+    None when the block has no linearized layer."""
     for i in layer_ids:
         sm.materialize(sm.layers[i])
     convert_model(sm.model, cfg.attention, seed=cfg.seed)
-    impl = sm.model.config._attn_implementation or "sdpa"
-    wrappers = {}
-    for i in layer_ids:
-        attn = sm.layers[i].self_attn
-        if isinstance(attn, LolcatsAttention):
-            wrappers[i] = sm.layers[i].self_attn = TransferAttention(attn, impl, attn.native_window,
-                                                                     cfg.distill.attention_ce_weight)
-    return wrappers
+    linearized = {a.layer_idx for a in linearized_layers(sm.model)}  # L of the whole model
+    if not linearized & set(layer_ids):
+        return None
+    return AttentionTransfer(sm.model, cfg.distill, LayerRunner(sm, layer_ids, cfg.data.seq_len), layer_ids,
+                             total_layers=len(linearized))
 
 
-def _block_parameters(wrappers: dict[int, TransferAttention], trainable_only: bool) -> dict[str, nn.Parameter]:
+def _block_parameters(transfer: AttentionTransfer, trainable_only: bool) -> dict[str, nn.Parameter]:
     """Feature maps and window factors of the block's layers, named as in ``attention.safetensors``."""
-    return {f"layers.{i}.{n}": p for i, w in wrappers.items() for n, p in w.student.named_parameters()
+    return {f"layers.{w.layer_idx}.{n}": p for w in transfer.layers for n, p in w.student.named_parameters()
             if n.startswith(TRAINABLE_KEYS) and (p.requires_grad or not trainable_only)}
-
-
-class BlockTransfer:
-    """Stage-1 loss of one block, fed its stored input hidden states (teacher-forced inside the block)."""
-
-    def __init__(self, sm: StreamingModel, layer_ids: range, wrappers: dict[int, TransferAttention],
-                 total_layers: int, mse_scale: float, seq_len: int) -> None:
-        self.sm, self.layer_ids, self.wrappers = sm, layer_ids, wrappers
-        self.total, self.scale = total_layers, mse_scale
-        self.kwargs = sm.layer_inputs(seq_len=seq_len)[1]
-
-    def _forward(self, hidden: Tensor) -> list[Tensor]:
-        for w in self.wrappers.values():
-            w.losses.clear()
-        with torch.no_grad():
-            h = hidden.to(self.sm.device, self.sm.dtype)
-            for i in self.layer_ids:
-                h = layer_output(self.sm.layers[i](h, **self.kwargs[i]))
-        return [self.wrappers[i].losses[0] for i in sorted(self.wrappers)]
-
-    def loss(self, hidden: Tensor, _labels: object) -> tuple[Tensor, dict[str, float]]:
-        per_layer = torch.stack(self._forward(hidden))
-        # each layer weighted 1/L of the whole model, exactly as in joint stage 1 (see lolcats.blockwise)
-        return self.scale * (per_layer.sum() / self.total), {"attention_mse": per_layer.mean().item()}
-
-    @torch.no_grad()
-    def per_layer_mse(self, data: HiddenShards) -> list[float]:
-        totals = torch.zeros(len(self.wrappers), dtype=torch.float64)
-        for i in range(len(data)):
-            totals += torch.tensor([x.item() for x in self._forward(data[i][0])], dtype=torch.float64)
-        return (totals / len(data)).tolist()
 
 
 def train_block(cfg: LolcatsConfig, block: int, progress: Progress | None = None) -> dict[str, Any]:
@@ -90,45 +75,33 @@ def train_block(cfg: LolcatsConfig, block: int, progress: Progress | None = None
     blocks = block_ranges(len(sm.layers), cfg.blockwise.block_size)
     if not 0 <= block < len(blocks):
         raise BlockwiseError(f"block {block} does not exist: k={cfg.blockwise.block_size} splits {len(sm.layers)} layers "
-                         f"into blocks 0..{len(blocks) - 1}")
+                             f"into blocks 0..{len(blocks) - 1}")
     layer_ids = blocks[block]
     root = hidden_dir(cfg)
-    dtype = sm.dtype
-    train = HiddenShards(root, "train", block, dtype)
-    heldout = HiddenShards(root, "heldout", block, dtype)
-    wrappers = _block_model(cfg, sm, layer_ids)
-    total = len(linearized_layers(sm.model))  # L: linearized layers of the whole model (wrapped ones included)
+    train = HiddenShards(root, "train", block, sm.dtype)
+    heldout = HiddenShards(root, "heldout", block, sm.dtype)
+    transfer = _block_model(cfg, sm, layer_ids)
     result: dict[str, Any] = {"block": block, "layers": [layer_ids.start, layer_ids.stop - 1],
-                              "linearized": sorted(wrappers)}
+                              "linearized": [w.layer_idx for w in transfer.layers] if transfer else []}
     out.mkdir(parents=True, exist_ok=True)
-    if wrappers:
-        transfer = BlockTransfer(sm, layer_ids, wrappers, total, cfg.distill.mse_scale, cfg.data.seq_len)
-        state = out / "train_state"
+    if transfer:
         before_path = out / "mse_before.json"
         if not before_path.exists():
             atomic_write_text(before_path, json.dumps(transfer.per_layer_mse(heldout)))
-        params = _block_parameters(wrappers, trainable_only=True)
-        metrics = out / "metrics.jsonl"
 
         def log(record: dict) -> None:
-            with open(metrics, "a") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), "block": block, **record}) + "\n")
+            append_jsonl(out / "metrics.jsonl", {"time": round(time.time(), 3), "block": block, **record})
 
-        d = cfg.distill
-        scale = d.mse_scale / total
-        spec = StageSpec(
-            name=f"block{block}", params=params, loss_fn=transfer.loss,
-            eval_fn=lambda: scale * sum(transfer.per_layer_mse(heldout)), max_steps=cfg.steps(d, len(train)),
-            grad_accum=d.grad_accum, lr=d.lr, weight_decay=d.weight_decay, eval_every=d.eval_every,
-            checkpoint_every=d.checkpoint_every, max_grad_norm=d.max_grad_norm, scheduler=d.scheduler,
-            plateau_patience=d.plateau_patience, plateau_factor=d.plateau_factor, min_lr=d.min_lr)
-        bar = progress(f"block {block}", spec.max_steps) if progress else None
-        res = Trainer(spec, train, state, cfg.seed, log, bar.update if bar else None).run()
-        if bar:
-            bar.end()
+        # each rank trains its own blocks: the loop is not data parallel
+        spec = transfer.stage(f"block{block}", _block_parameters(transfer, trainable_only=True), heldout,
+                              data_parallel=False)
+        bar = progress or LogProgress()
+        bar.start(f"block {block}", cfg.distill.steps(len(train)))
+        res = Trainer(spec, train, out / "train_state", cfg.seed, log, bar.update).run()
+        bar.end()
         result.update(steps=res.steps, tokens=res.tokens, seconds=res.seconds, best_step=res.best_step,
                       mse_before=json.loads(before_path.read_text()), mse_after=transfer.per_layer_mse(heldout))
-        atomic_save_safetensors(_block_parameters(wrappers, trainable_only=False), out / "attention.safetensors",
+        atomic_save_safetensors(_block_parameters(transfer, trainable_only=False), out / "attention.safetensors",
                                 metadata={"format": "lolcats-attention"})
         result["sha256"] = sha256_file(out / "attention.safetensors")
     atomic_write_text(done, json.dumps(result))
@@ -147,7 +120,7 @@ def train(cfg: LolcatsConfig, blocks: list[int] | None = None, progress: Progres
     try:
         from transformers import AutoConfig
 
-        n_blocks = len(block_ranges(AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path),
+        n_blocks = len(block_ranges(AutoConfig.from_pretrained(resolve_model(cfg.model.name_or_path),
                                                                trust_remote_code=cfg.model.trust_remote_code)
                                     .num_hidden_layers, cfg.blockwise.block_size))
         todo = blocks if blocks is not None else list(range(n_blocks))

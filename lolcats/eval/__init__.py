@@ -1,1 +1,1 @@
-"""Evaluation: perplexity (and, later, MMLU and the lm-eval adapter)."""
+"""Evaluation: perplexity by position, few-shot MMLU, passkey retrieval, the lm-eval adapter, and their CLI."""

@@ -1,4 +1,4 @@
-"""Few-shot MMLU scored by next-token log-probabilities of " A" / " B" / " C" / " D" (DESIGN.md §6).
+"""Few-shot MMLU scored by next-token log-probabilities of " A" / " B" / " C" / " D" (docs/evaluation.md).
 
 The prompt is the standard one (lm-eval's ``mmlu`` task): "The following are multiple choice questions
 (with answers) about {subject}.\\n\\n", then each exemplar as "question\\nA. …\\nB. …\\nC. …\\nD. …\\nAnswer: X"
@@ -8,10 +8,10 @@ the uncached path and lm-eval see them.
 Speed: the exemplars are the same for every question of a subject, so the tokens all its prompts share
 are run once; so is the start of a group of questions that begin alike (several questions on one passage
 in the history subjects, the fixed stem of moral scenarios: :func:`stem_groups`), run once on top of them.
-Each batch of questions then reads what it shares without copying: linearized layers their
-constant-size recurrent state (batch 1, frozen, scored against in one dense pass:
-:func:`lolcats.ops.attend_on_state`), softmax layers the prefix's keys/values in place
-(:mod:`lolcats.eval.shared_prefix`: one attention call per batch). Questions of a batch are right-padded,
+Each batch of questions then reads what it shares without copying (:mod:`lolcats.eval.shared_prefix`):
+linearized layers their constant-size recurrent state (batch 1, read but never advanced, in one dense
+pass: :class:`~lolcats.eval.shared_prefix.SharedPrefixState`), softmax layers the prefix's keys/values in
+place (one attention call per batch). Questions of a batch are right-padded,
 which no real token can see (causal attention), and the output head — and the last layer's MLP before it —
 read each row at its own last token only. ``cached=False`` is the plain path: every prompt alone, from scratch.
 """
@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,8 @@ from transformers.cache_utils import DynamicLayer
 
 from lolcats.attention.cache import LolcatsCacheLayer
 from lolcats.eval.mmlu_data import LETTERS, Item, MMLUData
-from lolcats.eval.shared_prefix import shared_prefix_attention, supports_shared_prefix
+from lolcats.eval.shared_prefix import SharedPrefixState, shared_prefix_attention, supports_shared_prefix
+from lolcats.generate import pad_token_id
 
 # Questions sharing at least this many tokens past the exemplars share their run too (see stem_groups).
 MIN_STEM = 32
@@ -145,18 +147,11 @@ def _last_logprobs(model: nn.Module, ids: Tensor, last: Tensor, letters: Tensor,
 
 def _batch_cache(prefix: DynamicCache) -> DynamicCache | None:
     """The cache a batch of questions starts from: linearized layers read the prefix's state (batch 1, shared
-    by every row, frozen: never advanced); softmax layers start empty, their prefix keys/values being read in
-    place by the shared-prefix attention. None when the model has no linearized layer."""
-    layers = []
-    for layer in prefix.layers:
-        if isinstance(layer, LolcatsCacheLayer):
-            new = LolcatsCacheLayer()
-            new.state = layer.state  # batch 1, shared by every row: read, never copied
-            new.frozen = True  # the questions are read against it, never folded in
-            layers.append(new)
-        else:
-            layers.append(DynamicLayer())
-    if not any(isinstance(x, LolcatsCacheLayer) for x in layers):
+    by every row, never advanced); softmax layers start empty, their prefix keys/values being read in place
+    by the shared-prefix attention. None when the model has no linearized layer."""
+    layers = [SharedPrefixState(x.state) if isinstance(x, LolcatsCacheLayer) else DynamicLayer()
+              for x in prefix.layers]
+    if not any(isinstance(x, SharedPrefixState) for x in layers):
         return None
     cache = DynamicCache()
     cache.layers = layers
@@ -190,6 +185,25 @@ def stem_groups(rests: list[list[int]], min_stem: int = MIN_STEM) -> list[tuple[
         else:  # the run's neighbours share >= min_stem tokens, so the whole run shares min() of those
             groups.append((min(common(rests[a], rests[b]) for a, b in pairwise(run)), run))
     return groups + ([(0, alone)] if alone else [])
+
+
+class StemBatches(NamedTuple):
+    """One group of :func:`batch_plan`: the tokens its questions share past the subject's shared start (0: none
+    beyond it), and its batches of question indices."""
+
+    stem: int
+    batches: list[list[int]]
+
+
+def batch_plan(rests: list[list[int]], batch_size: int, min_stem: int = MIN_STEM) -> list[StemBatches]:
+    """How the cached path runs one subject's questions (token lists after the shared start): by
+    :func:`stem_groups`, each group's stem run once, then its questions shortest first (similar lengths
+    batch together: less padding) in batches of at most ``batch_size``."""
+    plan = []
+    for stem, group in stem_groups(rests, min_stem):
+        order = sorted(group, key=lambda i: len(rests[i]))
+        plan.append(StemBatches(stem, [order[i : i + batch_size] for i in range(0, len(order), batch_size)]))
+    return plan
 
 
 def tokens_run(prompts: SubjectPrompts, cached: bool = True) -> int:
@@ -236,13 +250,11 @@ def score_subject(model: nn.Module, prompts: SubjectPrompts, letters: list[int],
         return out
     head = _extend(model, None, prompts.shared) if prompts.shared else None
     in_place = supports_shared_prefix(model, len(prompts.shared) + max(len(r) for r in prompts.rests))
-    for stem, group in stem_groups(prompts.rests):
+    for stem, batches in batch_plan(prompts.rests, batch_size):
         # questions on one passage (or with one fixed stem) run it once, on top of the exemplars
-        prefix = _extend(model, head, prompts.rests[group[0]][:stem]) if stem else head
+        prefix = _extend(model, head, prompts.rests[batches[0][0]][:stem]) if stem else head
         p = len(prompts.shared) + stem
-        order = sorted(group, key=lambda i: len(prompts.rests[i]))  # similar lengths batch together
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in batches:
             rests = [prompts.rests[i][stem:] for i in idx]
             width = max(len(r) for r in rests)
             ids = torch.full((len(idx), width), pad_id, dtype=torch.long, device=device)
@@ -277,7 +289,7 @@ def evaluate_mmlu(model: nn.Module, tokenizer, data: MMLUData, *, shots: int = 5
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     letters = letter_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = pad_token_id(tokenizer)
     model.eval()
     subjects, predictions = {}, []
     tokens = 0

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lolcats.sources import resolve
+
 LETTERS = ("A", "B", "C", "D")
 FIRST_N_RULE = ("no dev split: the first {n} test items of each subject (file order) are the exemplars and "
                 "are not scored, whatever the number of shots")
@@ -225,16 +227,9 @@ def load_hf(name: str = "cais/mmlu") -> MMLUData:
 def load_mmlu(spec: str | None = None) -> MMLUData:
     """MMLU from ``spec``: None or ``lolcats:mmlu`` (offline default), ``hf:NAME``, a Hendrycks folder,
     or a .jsonl file."""
-    if spec is None or spec == OFFLINE_SPEC:
-        from lolcats.assets import fetch_mmlu, paths
-
-        return load_jsonl(fetch_mmlu(paths()), offline_default=True)
-    if spec.startswith("hf:"):
-        return load_hf(spec[3:])
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return load_hendrycks(path)
-    if path.is_file():
-        return load_jsonl(path)
-    raise FileNotFoundError(f"MMLU data {spec!r} not found; pass {OFFLINE_SPEC}, hf:cais/mmlu, a folder with dev/ "
-                            "and test/ CSVs, or a .jsonl file")
+    source = resolve(spec or OFFLINE_SPEC, "mmlu")
+    if isinstance(source, str):
+        return load_hf(source[3:])
+    if source.is_dir():
+        return load_hendrycks(source)
+    return load_jsonl(source, offline_default=spec in (None, OFFLINE_SPEC))

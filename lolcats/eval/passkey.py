@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from lolcats.generate import pad_token_id, position_limit
+
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n\n")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -54,8 +56,6 @@ def passkey_accuracy(model: nn.Module, tokenizer, lengths: Sequence[int], depths
                      trials: int = 2, seed: int = 0,
                      progress: Callable[[int], None] | None = None) -> dict:
     """Accuracy for every (length, depth): ``{"grid": [[acc per depth] per length], "runs": [...]}``."""
-    from lolcats.generate import position_limit
-
     limit = position_limit(model)
     rng = random.Random(seed)
     device = next(model.parameters()).device
@@ -72,7 +72,7 @@ def passkey_accuracy(model: nn.Module, tokenizer, lengths: Sequence[int], depths
                 key = rng.randint(10_000, 99_999)
                 ids = tokenizer(build_prompt(tokenizer, length, depth, key), return_tensors="pt").input_ids.to(device)
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                                     pad_token_id=pad_token_id(tokenizer))
                 answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
                 ok = first_number(answer) == key
                 hits += ok

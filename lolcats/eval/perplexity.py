@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -19,12 +20,14 @@ def sliding_window_mask(t: int, window: int, dtype: torch.dtype, device: torch.d
 
 
 @torch.no_grad()
-def window_nll(model: nn.Module, chunks: Chunks, attention_window: int | None = None) -> tuple[float, int]:
+def window_nll(model: nn.Module, chunks: Chunks, attention_window: int | None = None,
+               progress: Callable[[int], object] | None = None) -> tuple[float, int]:
     """Summed next-token NLL and the number of predicted tokens over ``chunks``.
 
     Args:
         attention_window: evaluate a softmax model with only a sliding window of this many keys (the
             window-only baseline); None for the model as it is.
+        progress: called with the number of windows done after each one.
     """
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -40,16 +43,19 @@ def window_nll(model: nn.Module, chunks: Chunks, attention_window: int | None = 
                                           reduction="sum")
         total += nll.item()
         count += int((target != -100).sum())
+        if progress is not None:
+            progress(i + 1)
     return total, count
 
 
-def perplexity(model: nn.Module, chunks: Chunks, attention_window: int | None = None) -> float:
-    total, count = window_nll(model, chunks, attention_window)
+def perplexity(model: nn.Module, chunks: Chunks, attention_window: int | None = None,
+               progress: Callable[[int], object] | None = None) -> float:
+    total, count = window_nll(model, chunks, attention_window, progress)
     return math.exp(total / max(count, 1))
 
 
 def gap_closure(ppl_baseline: float, ppl_model: float, ppl_original: float) -> float:
-    """Log-perplexity gap closure of a model from a baseline toward the original (DESIGN.md)."""
+    """Log-perplexity gap closure of a model from a baseline toward the original (docs/design.md, "Gap closure")."""
     denom = math.log(ppl_baseline) - math.log(ppl_original)
     return (math.log(ppl_baseline) - math.log(ppl_model)) / denom if denom != 0 else float("nan")
 

@@ -1,15 +1,18 @@
-"""Softmax attention over one prefix shared by a batch of continuations, without copying the prefix.
+"""Attention over one prefix shared by a batch of continuations, without copying the prefix.
 
 Scoring many prompts that share a start (MMLU's few-shot exemplars) the usual way copies the start's
 keys/values once per row of every batch, then again for every query head (GQA), and runs one attention
-kernel per row over them. Here the start's keys/values stay at batch 1: every query of the batch is
-scored against them in one attention call (the batch folded into the query length), against its
-own row's tokens causally, and both parts share one softmax normaliser. The result is ordinary causal attention over
-``prefix + row`` — tested against the plain path.
+kernel per row over them. Here the start stays at batch 1 and is only read:
 
-It is a transformers attention function (``AttentionInterface``), switched on only inside
-:func:`shared_prefix_attention` for layers that still run softmax attention; linearized layers keep
-their own (constant-size) state and never reach it.
+- softmax layers: every query of the batch is scored against the start's keys/values in one attention
+  call (the batch folded into the query length), against its own row's tokens causally, and both parts
+  share one softmax normaliser. The result is ordinary causal attention over ``prefix + row``. It is a
+  transformers attention function (``AttentionInterface``), switched on only inside
+  :func:`shared_prefix_attention`.
+- linearized layers: :class:`SharedPrefixState`, a cache layer holding the start's (constant-size) decode
+  state, which every row reads and none advances (:func:`lolcats.ops.attend_on_state`).
+
+Both are tested against the plain path.
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache
 
+from lolcats.attention import LolcatsCacheLayer
+from lolcats.ops import DecodeState, attend_after, attend_on_state
+
 NAME = "lolcats_shared_prefix"
+# A shared state is read by at most this many new tokens per row in one dense pass (O(T²) per row);
+# longer continuations, and padded ones, take the chunked form.
+DENSE_MAX_TOKENS = 512
 
 
 def _flash_op():
@@ -119,3 +128,21 @@ def shared_prefix_attention(model: nn.Module) -> Iterator[None]:
     finally:
         for c, impl in zip(configs, before, strict=True):
             c._attn_implementation = impl
+
+
+class SharedPrefixState(LolcatsCacheLayer):
+    """A linearized layer's state after a prefix, read by every row of a batch of continuations and never
+    advanced: the tokens attend to it without being added to it, so the next batch reads the same state.
+    A batch-1 state serves every row without being copied."""
+
+    def __init__(self, state: DecodeState) -> None:
+        super().__init__()
+        self.state = state
+
+    def attend(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
+        """q (B, H, T, D), k and v (B, Hkv, T, D) of the rows' own tokens -> (B, H, T, D): a dense pass when
+        no row is padded and T is short, else the chunked one."""
+        fq, gamma = attn.feature_map_q(q), attn.gamma()
+        if valid is None and q.shape[2] <= DENSE_MAX_TOKENS and self.state.started():
+            return attend_on_state(self.state, q, k, v, fq, gamma, attn.feature_k, attn.spec).to(q.dtype)
+        return attend_after(self.state.broadcast(q.shape[0]), q, k, v, fq, gamma, attn.feature_k, attn.spec, valid)

@@ -1,7 +1,7 @@
 """O(T) chunked form of hybrid attention.
 
 Queries are split into chunks of C tokens. For a chunk starting at t0, every key older than the
-variant's look-back (w−1 for sliding_window, 2w−1 for terraced, 0 for linear) is in the linear part
+window shape's look-back (w−1 for sliding_window, 2w−1 for terraced, 0 for linear) is in the linear part
 for every query of the chunk, so it enters through a running state S = Σ φ_k(k) vᵀ, z = Σ φ_k(k).
 Keys in the look-back and the chunk itself ("near" keys) are scored exactly with the shared masks.
 Time and memory are O(T · (C + look-back)).
@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lolcats.ops.masks import first_real_index, lookback, window_and_linear_masks
+from lolcats.ops.masks import first_real_index
 from lolcats.ops.reference import repeat_kv
+from lolcats.ops.spec import AttentionSpec
 
 MIN_EXP = -87.0  # e^-87 ≈ 1.6e-38, the smallest exponent whose power is still a normal float32
 
@@ -55,26 +56,14 @@ def _exclusive_sum(x: Tensor, skip: int, start: int = 0) -> Tensor:
 
 
 def hybrid_attention_chunked(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    fq: Tensor,
-    fk: Tensor,
-    gamma: Tensor,
-    *,
-    variant: str,
-    window_size: int,
-    scale: float,
-    valid: Tensor | None = None,
-    chunk_size: int = 64,
-    first: Tensor | None = None,
-    initial: tuple[Tensor, Tensor] | None = None,
+    q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, gamma: Tensor, spec: AttentionSpec,
+    valid: Tensor | None = None, *, first: Tensor | None = None, initial: tuple[Tensor, Tensor] | None = None,
     queries_from: int = 0,
-    totals: list | None = None,
-) -> Tensor:
-    """Same inputs and output as :func:`lolcats.ops.reference.hybrid_attention_reference`, in O(T).
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Same inputs and output as :func:`lolcats.ops.reference.hybrid_attention_reference`, in O(T), chunks of
+    ``spec.chunk_size`` queries; also returns the totals a prefill turns into its decode state.
 
-    Two extra arguments let a pass continue a sequence whose older keys live in a decode state:
+    Three extra arguments let a pass continue a sequence whose older keys live in a decode state:
 
     Args:
         first: (B,) index of each row's first real token, when it is not the first True of ``valid``
@@ -82,23 +71,22 @@ def hybrid_attention_chunked(
         initial: ``(S0, z0)``, (B, H, F, Dv) and (B, H, F): keys already folded into a state, in the
             linear part of every query of this pass.
         queries_from: outputs are wanted for positions ``queries_from ..`` only (earlier positions are keys
-            replayed from a decode state): whole chunks before it are skipped, and the result is
+            replayed from a decode state): whole chunks before it are skipped, and the output is
             (B, H, T - queries_from, Dv).
-        totals: a list to receive ``(Σ φ_k(k) vᵀ, Σ φ_k(k))`` over every real key of the pass, (B, H, F, Dv)
-            and (B, H, F), which a prefill turns into its state without a second pass over the keys.
+
+    Returns:
+        ``(y, (kv, k_sum))``: y (B, H, T, Dv), and Σ φ_k(k) vᵀ (B, H, F, Dv) and Σ φ_k(k) (B, H, F) over every
+        real key of the pass (``initial`` not included), so a prefill needs no second pass over the keys.
     """
     b, h, t, _ = q.shape
     dv = v.shape[-1]
     groups = h // k.shape[1]
-    c = chunk_size
+    c = spec.chunk_size
     n = math.ceil(t / c)
-    back = lookback(variant, window_size)
     if first is not None and valid is None:
         valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
-    if variant == "terraced" and valid is None:
-        # Blocks start at position 0 for every row, so a chunk starting at t0 sees window keys back to
-        # the start of the block before t0's: at most w + (t0 mod w) <= 2w - gcd(C, w) tokens.
-        back = 2 * window_size - math.gcd(c, window_size)
+    # Without padding every row's positions count from index 0, which some shapes can use.
+    back = spec.shape.lookback if valid is not None else spec.shape.aligned_lookback(c)
     n_prev = math.ceil(back / c)
     pad = n * c - t
     device = q.device
@@ -118,7 +106,7 @@ def hybrid_attention_chunked(
     s0 = min(queries_from // c, n)  # query chunks nobody wants: only chunks s0.. are computed
     valid_near = _near(valid_p[:, None], n, c, n_prev, start=s0)[:, 0]  # (rows, N - s0, K)
     pos_near = _near(pos[:, None], n, c, n_prev, start=s0)[:, 0]
-    win, lin = window_and_linear_masks(pos.view(rows, n, c)[:, s0:], pos_near, variant, window_size)
+    win, lin = spec.masks(pos.view(rows, n, c)[:, s0:], pos_near)
     win = (win & valid_near[:, :, None, :])[:, None]  # (rows, 1, N - s0, C, K)
     lin = (lin & valid_near[:, :, None, :])[:, None]
     use_lin = bool(lin.any())
@@ -126,7 +114,7 @@ def hybrid_attention_chunked(
     def padded(x: Tensor) -> Tensor:  # (B, ·, T, ·) -> (B, ·, N*C, ·)
         return F.pad(x, (0, 0, 0, pad)) if pad else x
 
-    q, k, v, fq, fk = padded(q * scale), padded(k), padded(v), padded(fq), padded(fk)
+    q, k, v, fq, fk = padded(q * spec.scale), padded(k), padded(v), padded(fq), padded(fk)
     if s0:
         q, fq = q[:, :, s0 * c :].contiguous(), fq[:, :, s0 * c :].contiguous()
     if valid is not None:
@@ -137,8 +125,7 @@ def hybrid_attention_chunked(
     v_c = repeat_kv(v, groups).view(b, h, n, c, dv)
     kv_chunks = fk_c.transpose(-1, -2) @ v_c  # (B, H, N, F, Dv)
     z_chunks = fk_c.sum(3)  # (B, H, N, F)
-    if totals is not None:
-        totals.extend([kv_chunks.sum(2), z_chunks.sum(2)])
+    totals = kv_chunks.sum(2), z_chunks.sum(2)
     kv_far = _exclusive_sum(kv_chunks, n_prev + 1, s0)  # (B, H, N - s0, F, Dv)
     z_far = _exclusive_sum(z_chunks, n_prev + 1, s0)  # (B, H, N - s0, F)
     if initial is not None:
@@ -168,4 +155,4 @@ def hybrid_attention_chunked(
     den = den.add_(a.sum(-1, keepdim=True)) if inplace else den + a.sum(-1, keepdim=True)
     num = num.add_(a @ v_near) if inplace else num + a @ v_near
     y = num / torch.where(den > 0, den, torch.ones_like(den))
-    return y.reshape(b, h, nq * c, dv)[:, :, queries_from - s0 * c : t - s0 * c]
+    return y.reshape(b, h, nq * c, dv)[:, :, queries_from - s0 * c : t - s0 * c], totals

@@ -1,4 +1,8 @@
-"""Window / linear masks and padding positions, defined once for every attention form.
+"""Window shapes and padding positions, defined once for every attention form.
+
+A window shape says which causal (query, key) pairs are scored by the exact softmax; every other causal
+pair enters the linear part (paper Eq. 7). Shapes are classes registered by name (the recipe's
+``attention.variant``), each knowing its look-back and the keys a decode state keeps.
 
 Positions are *real* positions: a token's index minus the index of its row's first real
 (non-padding) token. Sliding windows depend only on position differences, terraced blocks on the
@@ -7,27 +11,101 @@ positions themselves, so a left-padded row sees the same blocks as the sequence 
 
 from __future__ import annotations
 
+import math
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
-VARIANTS = ("sliding_window", "terraced", "linear")
+WINDOW_SHAPES: dict[str, type[WindowShape]] = {}
+VARIANTS = WINDOW_SHAPES.keys()  # the registered names, a live view: ``attention.variant`` takes one of them
 
 
-def check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown attention variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+def window_shape(name: str, size: int) -> WindowShape:
+    """The registered shape ``name`` with a window of ``size`` tokens; ValueError naming the valid ones."""
+    if name not in WINDOW_SHAPES:
+        raise ValueError(f"unknown attention variant {name!r}; choose one of {', '.join(WINDOW_SHAPES)}")
+    return WINDOW_SHAPES[name](size)
 
 
-def lookback(variant: str, window_size: int) -> int:
-    """How far back (in tokens) a query may still see a key through the softmax window."""
-    check_variant(variant)
-    return {"sliding_window": window_size - 1, "terraced": 2 * window_size - 1, "linear": 0}[variant]
+class WindowShape:
+    """Which causal keys a query scores by exact softmax, for a window of ``size`` tokens (w).
+
+    A subclass registers itself under the name it is declared with: ``class Mine(WindowShape, name="mine")``.
+
+    Attributes:
+        lookback: how far back (in tokens) a query may still see a key through the window.
+        slots: keys a decode state keeps un-folded, the newest ones.
+        leaving_per_step: at most this many of those slots leave the window when one token is added.
+    """
+
+    name: ClassVar[str] = ""
+    lookback: int
+    slots: int
+    leaving_per_step: int = 1
+
+    def __init_subclass__(cls, name: str, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if name in WINDOW_SHAPES:
+            raise ValueError(f"a window shape named {name!r} is already registered ({WINDOW_SHAPES[name].__name__})")
+        cls.name = name
+        WINDOW_SHAPES[name] = cls
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+    def window(self, qp: Tensor, kp: Tensor) -> Tensor:
+        """Window pairs among the causal ones: ``qp`` (..., Tq, 1), ``kp`` (..., 1, Tk) real positions with
+        kp <= qp where it matters -> (..., Tq, Tk) bool (the caller ands it with causality)."""
+        raise NotImplementedError
+
+    def aligned_lookback(self, chunk: int) -> int:
+        """The look-back of a chunk of ``chunk`` queries starting at a multiple of ``chunk``, positions counting
+        from index 0 in every row (no padding): at most :attr:`lookback`."""
+        return self.lookback
 
 
-def window_slots(variant: str, window_size: int) -> int:
-    """Keys a decode state keeps un-folded: w for sliding_window, 2w for terraced, 0 for linear."""
-    check_variant(variant)
-    return {"sliding_window": window_size, "terraced": 2 * window_size, "linear": 0}[variant]
+class SlidingWindow(WindowShape, name="sliding_window"):
+    """The last w keys, the query itself included."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.lookback, self.slots = size - 1, size
+
+    def window(self, qp: Tensor, kp: Tensor) -> Tensor:
+        return qp - kp < self.size
+
+
+class Terraced(WindowShape, name="terraced"):
+    """Every key of the query's block of w positions and of the block before it (the original's default)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.lookback, self.slots, self.leaving_per_step = 2 * size - 1, 2 * size, size
+
+    def window(self, qp: Tensor, kp: Tensor) -> Tensor:
+        q_block = torch.div(qp, self.size, rounding_mode="floor")
+        k_block = torch.div(kp, self.size, rounding_mode="floor")
+        return k_block >= q_block - 1
+
+    def aligned_lookback(self, chunk: int) -> int:
+        # Blocks start at position 0 for every row, so a chunk starting at t0 sees window keys back to the
+        # start of the block before t0's: at most w + (t0 mod w) <= 2w - gcd(C, w) tokens.
+        return 2 * self.size - math.gcd(chunk, self.size)
+
+
+class Linear(WindowShape, name="linear"):
+    """No window: every key is in the linear part."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.lookback, self.slots = 0, 0
+
+    def window(self, qp: Tensor, kp: Tensor) -> Tensor:
+        return torch.zeros(torch.broadcast_shapes(qp.shape, kp.shape), dtype=torch.bool, device=qp.device)
 
 
 def first_real_index(valid: Tensor | None, batch: int, device: torch.device) -> Tensor:
@@ -35,33 +113,3 @@ def first_real_index(valid: Tensor | None, batch: int, device: torch.device) -> 
     if valid is None:
         return torch.zeros(batch, dtype=torch.long, device=device)
     return (valid.long().cumsum(-1) == 0).sum(-1)
-
-
-def window_and_linear_masks(
-    q_pos: Tensor, k_pos: Tensor, variant: str, window_size: int
-) -> tuple[Tensor, Tensor]:
-    """Which (query, key) pairs use the softmax window and which the linear term (paper Eq. 7).
-
-    Args:
-        q_pos: real query positions, shape (..., Tq).
-        k_pos: real key positions, shape (..., Tk), broadcastable with ``q_pos``'s leading dims.
-        variant: ``sliding_window``, ``terraced`` or ``linear``.
-        window_size: w.
-
-    Returns:
-        ``(window, linear)`` boolean masks of shape (..., Tq, Tk). Both are causal and disjoint.
-    """
-    qp = q_pos.unsqueeze(-1)
-    kp = k_pos.unsqueeze(-2)
-    causal = kp <= qp
-    if variant == "sliding_window":
-        window = causal & (qp - kp < window_size)
-    elif variant == "terraced":
-        q_block = torch.div(qp, window_size, rounding_mode="floor")
-        k_block = torch.div(kp, window_size, rounding_mode="floor")
-        window = causal & (k_block >= q_block - 1)
-    elif variant == "linear":
-        window = torch.zeros_like(causal)
-    else:
-        check_variant(variant)
-    return window, causal & ~window

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lolcats.ops.masks import check_variant, first_real_index, window_and_linear_masks
+from lolcats.ops.masks import first_real_index
+from lolcats.ops.spec import AttentionSpec
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -51,32 +52,24 @@ def combine(
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def _scores_and_weights(q, k, fq, fk, gamma, variant, window_size, scale, valid):
+def _scores_and_weights(
+    q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, gamma: Tensor, spec: AttentionSpec, valid: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Masked window scores and linear weights of the full (T, T) matrix, k repeated to H heads."""
-    check_variant(variant)
     b, h, t, _ = q.shape
     k = repeat_kv(k, h // k.shape[1])
     pos = torch.arange(t, device=q.device) - first_real_index(valid, b, q.device)[:, None]  # (B, T)
-    win, lin = window_and_linear_masks(pos, pos, variant, window_size)  # (B, T, T)
+    win, lin = spec.masks(pos, pos)  # (B, T, T)
     if valid is not None:
         win = win & valid[:, None, :]
         lin = lin & valid[:, None, :]
     win, lin = win[:, None], lin[:, None]  # (B, 1, T, T)
-    scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~win, float("-inf"))
+    scores = ((q @ k.transpose(-1, -2)) * spec.scale).masked_fill(~win, float("-inf"))
     return scores, (fq @ fk.transpose(-1, -2)) * lin, gamma.view(1, h, 1, 1).to(q.dtype)
 
 
 def hybrid_attention_reference(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    fq: Tensor,
-    fk: Tensor,
-    gamma: Tensor,
-    *,
-    variant: str,
-    window_size: int,
-    scale: float,
+    q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, gamma: Tensor, spec: AttentionSpec,
     valid: Tensor | None = None,
 ) -> Tensor:
     """Hybrid attention by the definition, O(T²) time and memory.
@@ -88,24 +81,30 @@ def hybrid_attention_reference(
         fq: φ_q(q), (B, H, T, F).
         fk: φ_k(k) with k repeated to H heads, (B, H, T, F).
         gamma: window factor per head, sigmoid(ω), (H,).
-        variant: ``sliding_window``, ``terraced`` or ``linear``.
-        window_size: w.
-        scale: softmax scaling of q·k (1/√D for most families).
+        spec: window shape, w and scale.
         valid: (B, T) bool, False for padding tokens; None means all real.
 
     Returns:
         (B, H, T, Dv)
     """
-    scores, lin_weights, g = _scores_and_weights(q, k, fq, fk, gamma, variant, window_size, scale, valid)
+    scores, lin_weights, g = _scores_and_weights(q, k, fq, fk, gamma, spec, valid)
     return combine(scores, lin_weights, repeat_kv(v, q.shape[1] // v.shape[1]), g)
 
 
 def hybrid_attention_weights(
-    q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, gamma: Tensor, *, variant: str, window_size: int,
-    scale: float, valid: Tensor | None = None,
+    q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, gamma: Tensor, spec: AttentionSpec | None = None,
+    valid: Tensor | None = None, **legacy: object,
 ) -> Tensor:
     """The normalised (B, H, T, T) attention weights of hybrid attention (rows sum to 1): for
-    Hedgehog's attention cross-entropy and for inspection."""
-    scores, lin_weights, g = _scores_and_weights(q, k, fq, fk, gamma, variant, window_size, scale, valid)
+    Hedgehog's attention cross-entropy and for inspection.
+
+    ``legacy``: ``variant``, ``window_size`` and ``scale`` as keywords instead of ``spec`` — for callers not
+    yet passing a spec (transitional; to be removed).
+    """
+    if spec is None:
+        spec = AttentionSpec(legacy.pop("variant"), legacy.pop("window_size"), legacy.pop("scale"))
+    if legacy:
+        raise TypeError(f"unexpected arguments {sorted(legacy)}")
+    scores, lin_weights, g = _scores_and_weights(q, k, fq, fk, gamma, spec, valid)
     eye = torch.eye(q.shape[2], dtype=q.dtype, device=q.device).expand(*q.shape[:2], -1, -1)
     return combine(scores, lin_weights, eye, g)

@@ -1,0 +1,185 @@
+"""The ``lolcats eval …`` and ``lolcats generate`` commands: load a model (an out_dir, an export, an HF
+folder or id, a .gguf file), evaluate or generate, print a table, optionally write JSON."""
+
+from __future__ import annotations
+
+import argparse
+
+from tqdm import tqdm
+
+from lolcats.cli_common import nonneg_int, positive_float, positive_int, trust_flag, unit_float, write_json
+
+
+def _eval_ppl(args: argparse.Namespace) -> int:
+
+    from lolcats.checkpoint import load_model_any
+    from lolcats.data import build_eval_windows
+    from lolcats.eval.perplexity import token_metrics
+
+    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
+    teacher = load_model_any(args.teacher, trust_remote_code=args.trust_remote_code)[0] if args.teacher else None
+    chunks = build_eval_windows(args.data, tokenizer, args.seq_len, args.windows)
+    r = token_metrics(model, chunks, teacher)
+    print(f"perplexity {r['ppl']:.3f} over {len(chunks)} windows of {args.seq_len} tokens of {args.data} "
+          f"({r['tokens']} predicted tokens)")
+    if teacher is not None:
+        print(f"teacher perplexity {r['teacher_ppl']:.3f}; KL(teacher‖model) {r['kl']:.4f} nats/token; "
+              f"top-1 agreement {100 * r['top1_agreement']:.2f}%")
+    print("| positions | tokens | perplexity |" + (" teacher perplexity |" if teacher is not None else ""))
+    print("|---|---:|---:|" + ("---:|" if teacher is not None else ""))
+    for name, b in r["by_position"].items():
+        extra = f" {r['teacher_by_position'][name]['ppl']:.3f} |" if teacher is not None else ""
+        print(f"| {name} | {b['tokens']} | {b['ppl']:.3f} |{extra}")
+    if args.out:
+        write_json(args.out, {"model": args.model, "teacher": args.teacher, "data": args.data,
+                              "seq_len": args.seq_len, "windows": len(chunks), **r})
+        print(f"results written to {args.out}")
+    return 0
+
+
+def _eval_mmlu(args: argparse.Namespace) -> int:
+
+    from lolcats.base_model import cast_base, fingerprint
+    from lolcats.checkpoint import load_model_any
+    from lolcats.convert import linearized_layers
+    from lolcats.eval.mmlu import evaluate_mmlu, summary_table
+    from lolcats.eval.mmlu_data import load_mmlu
+
+    if not 0 <= args.shots <= 5:
+        raise ValueError(f"--shots must be between 0 and 5, got {args.shots}")
+    data = load_mmlu(args.data).select(args.subjects, args.limit)
+    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
+    cast_base(model, args.dtype)
+    total = sum(len(v) for v in data.test.values())
+    with tqdm(total=total, desc="mmlu", unit="q", dynamic_ncols=True) as bar:
+        result = evaluate_mmlu(model, tokenizer, data, shots=args.shots, batch_size=args.batch_size,
+                               cached=not args.no_cache, progress=bar.update)
+    result = {"model": args.model, "linearized": bool(linearized_layers(model)), "model_fingerprint": fingerprint(model),
+              "model_class": type(model).__name__, "dtype": args.dtype, **result}
+    print(summary_table(result))
+    print(f"{result['items']} items in {result['seconds']:.0f} s ({result['items'] / result['seconds']:.2f} items/s); "
+          f"{data.exemplar_rule}")
+    if args.out:
+        write_json(args.out, result)
+        print(f"results written to {args.out}")
+    return 0
+
+
+def _eval_passkey(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lolcats.checkpoint import load_model_any
+    from lolcats.eval.passkey import heatmap, passkey_accuracy, table
+
+    if args.trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {args.trials}")
+    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
+    total = len(args.lengths) * len(args.depths) * args.trials
+    with tqdm(total=total, desc="passkey", unit="prompt", dynamic_ncols=True) as bar:
+        result = passkey_accuracy(model, tokenizer, args.lengths, args.depths, args.trials, args.seed,
+                                  progress=bar.update)
+    print(table(result))
+    print(f"overall accuracy {100 * result['accuracy']:.1f}% over {len(result['runs'])} prompts")
+    out = Path(args.out)
+    write_json(str(out / "passkey.json"), {"model": args.model, **result})
+    heatmap(result, out / "passkey.png", title=f"passkey retrieval: {args.model}")
+    print(f"results written to {out / 'passkey.json'} and {out / 'passkey.png'}")
+    return 0
+
+
+def _eval_harness(args: argparse.Namespace) -> int:
+
+    from lolcats.checkpoint import load_model_any
+    from lolcats.eval.lm_eval import run_harness, table
+
+    tasks = [t for part in args.tasks for t in part.split(",") if t]
+    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
+    result = run_harness(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                         batch_size=args.batch_size, include_path=args.include_path)
+    print(table(result))
+    if args.out:
+        write_json(args.out, {"model": args.model, **result})
+        print(f"results written to {args.out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from lolcats.checkpoint import load_model_any
+    from lolcats.generate import generate_text
+
+    if not args.prompt or not args.prompt.strip():
+        raise ValueError("the prompt is empty; pass some text with --prompt")
+    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
+    streamer = TextStreamer(tokenizer, skip_prompt=True) if args.stream else None
+    text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, do_sample=args.sample,
+                         temperature=args.temperature, top_p=args.top_p, streamer=streamer,
+                         stop_strings=args.stop or None)
+    if not args.stream:
+        print(args.prompt + text)
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``generate`` and ``eval {ppl,mmlu,passkey,harness}`` on the top-level subparsers."""
+    p = sub.add_parser("generate", help="generate text (constant-memory decoding for linearized models)")
+    p.add_argument("model", help="an out_dir, an exported folder, an HF folder or id, or a .gguf file")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--top-p", type=unit_float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    trust_flag(p)
+    p.set_defaults(func=_generate)
+
+    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_command", required=True)
+    p = ev.add_parser("ppl", help="held-out perplexity over fixed windows, by position bucket; KL to a teacher")
+    p.add_argument("model", help="an out_dir, an HF folder or id, or a .gguf file")
+    p.add_argument("--data", default="lolcats:moby_dick")
+    p.add_argument("--seq-len", type=positive_int, default=1024)
+    p.add_argument("--windows", type=positive_int, default=6)
+    p.add_argument("--teacher", help="a reference model (e.g. the original): adds KL(teacher‖model) and top-1 agreement")
+    p.add_argument("--out", help="write the result JSON here")
+    trust_flag(p)
+    p.set_defaults(func=_eval_ppl)
+
+    p = ev.add_parser("mmlu", help="few-shot MMLU (cached subject prefixes, batched questions)")
+    p.add_argument("model", help="an out_dir, an exported folder, an HF folder or id, or a .gguf file")
+    p.add_argument("--data", default="lolcats:mmlu",
+                   help="lolcats:mmlu (offline default), hf:cais/mmlu, a Hendrycks folder (dev/, test/) or a .jsonl")
+    p.add_argument("--shots", type=int, default=5, help="0-5 exemplars")
+    p.add_argument("--limit", type=positive_int, help="at most this many scored items per subject")
+    p.add_argument("--subjects", nargs="+", help="subjects to run (spaces or underscores)")
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="questions per forward pass (4 was fastest on a 2-core CPU; GPUs want more)")
+    p.add_argument("--no-cache", action="store_true", help="run every prompt alone from scratch (slow reference)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="base weights' dtype (bfloat16 is several times faster on CPUs with AMX)")
+    p.add_argument("--out", help="write the result JSON here")
+    trust_flag(p)
+    p.set_defaults(func=_eval_mmlu)
+
+    p = ev.add_parser("passkey", help="long-context retrieval of a number hidden in filler text")
+    p.add_argument("model", help="an out_dir, an exported folder, an HF folder or id, or a .gguf file")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[512, 1024, 2048, 4096], help="prompt tokens")
+    p.add_argument("--depths", type=unit_float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="fraction of the filler before the needle")
+    p.add_argument("--trials", type=positive_int, default=2, help="random keys per (length, depth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="passkey", help="folder for passkey.json and passkey.png")
+    trust_flag(p)
+    p.set_defaults(func=_eval_passkey)
+
+    p = ev.add_parser("harness", help="lm-eval harness tasks on the (linearized) model (extra `eval`)")
+    p.add_argument("model", help="an out_dir, an exported folder, an HF folder or id, or a .gguf file")
+    p.add_argument("--tasks", nargs="+", required=True, help="e.g. piqa arc_easy arc_challenge hellaswag winogrande")
+    p.add_argument("--num-fewshot", type=nonneg_int)
+    p.add_argument("--limit", type=positive_int, help="items per task")
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--include-path", help="a folder of extra task YAMLs (local data)")
+    p.add_argument("--out", help="write the result JSON here")
+    trust_flag(p)
+    p.set_defaults(func=_eval_harness)
