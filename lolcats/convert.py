@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -86,7 +85,6 @@ def convert_model(model: nn.Module, config: AttentionConfig | None = None, seed:
             new = LolcatsAttention(base, family, config, i, heads, kv_heads)
         new.train(base.training)
         layers[i].self_attn = new
-    model.lolcats_attention_config = dataclasses.replace(config)
     logger.info("linearized %d of %d layers (%s, %s variant, window %d)", len(todo), len(layers),
                 family.name, config.variant, config.window_size)
     return model

@@ -50,7 +50,6 @@ class LolcatsAttention(nn.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = base.head_dim
         self.scaling = float(base.scaling)
-        self.base_class = type(base).__name__
         self.native_window = family.native_window(base)
         self.hf_config = getattr(base, "config", None)
         self._rotary = rotary_function(base)
