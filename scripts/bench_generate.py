@@ -24,18 +24,14 @@ import time
 import psutil
 import torch
 
+from lolcats.io import release_freed_memory
 from lolcats.report import machine
 
 
 def rss_mb() -> float:
-    """Resident memory after handing freed heap pages back to the OS (glibc malloc_trim), so the
-    figure is live memory, not the allocator's cache of the prefill peak."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    """Resident memory after handing freed heap pages back to the OS, so the figure is live memory, not the
+    allocator's cache of the prefill peak."""
+    release_freed_memory()
     return psutil.Process().memory_info().rss / 2**20
 
 

@@ -16,7 +16,7 @@ from lolcats.blockwise.common import block_ranges, hidden_dir, load_data, stream
 from lolcats.blockwise.shards import Group, ShardStore
 from lolcats.blockwise.streaming import StreamingModel, layer_output
 from lolcats.config import LolcatsConfig
-from lolcats.io import fault_point
+from lolcats.io import fault_point, release_freed_memory
 from lolcats.progress import LogProgress, Progress
 
 
@@ -29,18 +29,6 @@ class PrecomputeResult:
     peak_param_bytes: int
     inflight_bytes: int
     seconds: float
-
-
-def release_freed_memory() -> None:
-    """glibc keeps freed heap for reuse; ``malloc_trim`` returns it to the OS (no-op elsewhere)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name:
-        libc = ctypes.CDLL(name)
-        if hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
 
 
 def _param_bytes(module: nn.Module) -> int:

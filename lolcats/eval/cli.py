@@ -4,10 +4,27 @@ folder or id, a .gguf file), evaluate or generate, print a table, optionally wri
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Callable, Iterator
 
-from tqdm import tqdm
+from lolcats.cli_common import TqdmProgress, nonneg_int, positive_float, positive_int, trust_flag, unit_float, write_json
 
-from lolcats.cli_common import nonneg_int, positive_float, positive_int, trust_flag, unit_float, write_json
+
+@contextlib.contextmanager
+def _counting(progress: TqdmProgress, stage: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+    """Evaluators report items as they finish (``advance(n)``); the progress front end wants the running count."""
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        progress.update(done)
+
+    progress.start(stage, total, unit)
+    try:
+        yield advance
+    finally:
+        progress.end()
 
 
 def _eval_ppl(args: argparse.Namespace) -> int:
@@ -51,9 +68,9 @@ def _eval_mmlu(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
     cast_base(model, args.dtype)
     total = sum(len(v) for v in data.test.values())
-    with tqdm(total=total, desc="mmlu", unit="q", dynamic_ncols=True) as bar:
+    with _counting(TqdmProgress(), "mmlu", total, "question") as advance:
         result = evaluate_mmlu(model, tokenizer, data, shots=args.shots, batch_size=args.batch_size,
-                               cached=not args.no_cache, progress=bar.update)
+                               cached=not args.no_cache, progress=advance)
     result = {"model": args.model, "linearized": bool(linearized_layers(model)), "model_fingerprint": fingerprint(model),
               "model_class": type(model).__name__, "dtype": args.dtype, **result}
     print(summary_table(result))
@@ -75,9 +92,9 @@ def _eval_passkey(args: argparse.Namespace) -> int:
         raise ValueError(f"--trials must be at least 1, got {args.trials}")
     model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
     total = len(args.lengths) * len(args.depths) * args.trials
-    with tqdm(total=total, desc="passkey", unit="prompt", dynamic_ncols=True) as bar:
+    with _counting(TqdmProgress(), "passkey", total, "prompt") as advance:
         result = passkey_accuracy(model, tokenizer, args.lengths, args.depths, args.trials, args.seed,
-                                  progress=bar.update)
+                                  progress=advance)
     print(table(result))
     print(f"overall accuracy {100 * result['accuracy']:.1f}% over {len(result['runs'])} prompts")
     out = Path(args.out)
