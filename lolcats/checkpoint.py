@@ -39,7 +39,7 @@ from lolcats.sources import resolve_model
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: format marker, sha256 of every result file, base config sha256
+FORMAT_VERSION = 3  # 2: format marker, sha256 of every result file, base config sha256; 3: sinks, decay
 FORMAT_MARKER = "lolcats-out-dir"
 CONFIG_FILE = "lolcats_config.json"
 ATTENTION_FILE = "attention.safetensors"
@@ -79,10 +79,10 @@ def read_run_config(out_dir: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or "format_version" not in data:
         raise CheckpointError(f"{path} is not a lolcats run record (no format_version); point to a lolcats out_dir")
     version = data["format_version"]
-    if version not in (1, FORMAT_VERSION):
-        raise CheckpointError(f"{path} has format version {version!r}; this lolcats reads versions 1 and "
+    if version not in (1, 2, FORMAT_VERSION):
+        raise CheckpointError(f"{path} has format version {version!r}; this lolcats reads versions 1 to "
                               f"{FORMAT_VERSION}: install the lolcats that wrote it")
-    if version == FORMAT_VERSION and data.get("format") != FORMAT_MARKER:
+    if version >= 2 and data.get("format") != FORMAT_MARKER:
         raise CheckpointError(f"{path} lacks the lolcats format marker; it was not written by lolcats")
     for key in ("config", "base_model"):
         if not isinstance(data.get(key), dict):

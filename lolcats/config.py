@@ -11,6 +11,7 @@ from typing import Any
 
 from lolcats.feature_maps import FEATURE_MAPS, INITS
 from lolcats.ops.masks import VARIANTS
+from lolcats.report_config import ReportConfig
 from lolcats.schema import check_choice, check_int, check_number, from_dict
 
 __all__ = ["AttentionConfig", "BlockwiseConfig", "DataConfig", "DistillConfig", "LolcatsConfig", "LoopConfig",
@@ -29,6 +30,10 @@ class AttentionConfig:
         feature_init: ``kaiming`` (the original's released configs) or ``identity``.
         window_factor_init: ω₀, the window factor is γ = sigmoid(ω); −2.197 gives γ ≈ 0.1.
         chunk_size: query chunk of the O(T) form.
+        sink_tokens: s, the first s real tokens of every sequence are scored by exact softmax for every later
+            query ("attention sinks") and never enter the linear state (0 = none).
+        decay: a learnable per-head decay λ = sigmoid(ρ) of the linear part (key j weighs λ^(i−j) for query i).
+        decay_init: λ₀, the initial decay of every head, in (0, 1).
         skip_layers: decoder-layer indices kept as softmax attention (hybrid models).
         keep_native_window: keep layers the model already runs with a sliding window as they are.
     """
@@ -40,6 +45,9 @@ class AttentionConfig:
     feature_init: str = "kaiming"
     window_factor_init: float = -2.197
     chunk_size: int = 64
+    sink_tokens: int = 0
+    decay: bool = False
+    decay_init: float = 0.999
     skip_layers: list[int] = field(default_factory=list)
     keep_native_window: bool = False
 
@@ -50,6 +58,11 @@ class AttentionConfig:
         check_int("attention.window_size", self.window_size)
         check_int("attention.feature_dim", self.feature_dim)
         check_int("attention.chunk_size", self.chunk_size)
+        check_int("attention.sink_tokens", self.sink_tokens, 0, " (0 = no sinks)")
+        if not isinstance(self.decay_init, (int, float)) or isinstance(self.decay_init, bool) \
+                or not 0 < self.decay_init < 1:
+            raise ValueError(f"attention.decay_init={self.decay_init!r} must be a number strictly between 0 and 1 "
+                             "(λ₀, e.g. 0.999)")
         if not math.isfinite(float(self.window_factor_init)):
             raise ValueError(f"attention.window_factor_init={self.window_factor_init!r} must be finite")
         for i in self.skip_layers:
@@ -95,11 +108,14 @@ class DataConfig:
         eval_in_domain: held-out documents of the training corpus (same forms as ``train``).
         eval_in_domain_filter: keep files whose name sorts at or after this (e.g. ``2008``).
         eval_out_of_domain: a corpus never trained on (``lolcats:moby_dick``).
-        seq_len: packed chunk length in tokens.
+        seq_len: packed chunk length in tokens (the training length of both stages).
         heldout_chunks: chunks of the training stream kept out for stage-1 held-out loss.
         max_train_chunks: keep only the first this many training chunks (0 = all); the held-out
             chunks stay the last of the whole stream.
-        eval_windows: windows of ``seq_len`` tokens per evaluation corpus for the report.
+        eval_windows: windows of ``eval_seq_len`` tokens per evaluation corpus for the report.
+        eval_seq_len: length of the report's perplexity windows, whatever ``seq_len`` is, so reports of
+            runs trained at different lengths compare (``eval_in_domain: heldout`` keeps the held-out
+            training chunks, of ``seq_len`` tokens).
         instruction_template: prompt template for Alpaca-format data.
     """
 
@@ -112,12 +128,14 @@ class DataConfig:
     heldout_chunks: int = 4
     max_train_chunks: int = 0
     eval_windows: int = 6
+    eval_seq_len: int = 1024
     instruction_template: str = "alpaca"
 
     def __post_init__(self) -> None:
         check_int("data.seq_len", self.seq_len)
         check_int("data.heldout_chunks", self.heldout_chunks)
         check_int("data.eval_windows", self.eval_windows)
+        check_int("data.eval_seq_len", self.eval_seq_len)
         check_int("data.max_train_chunks", self.max_train_chunks, 0, " (0 = all)")
         check_choice("data.instruction_template", self.instruction_template, ("alpaca",))
 
@@ -208,22 +226,28 @@ class DistillConfig(LoopConfig):
 
 @dataclass
 class LoraConfig(LoopConfig):
-    """Stage 2, LoRA repair with next-token loss (peft): the loop settings of :class:`LoopConfig`
-    (constant learning rate) and
+    """Stage 2, LoRA repair (peft): the loop settings of :class:`LoopConfig` (constant learning rate) and
 
     Attributes:
         r, alpha, dropout: LoRA rank, scaling numerator and dropout.
         target_modules: projection names; empty means the family's q/k/v/o (``qkv_proj``/``o_proj``
             for Phi-3).
+        loss: ``next_token`` (cross-entropy on the data) or ``kl``: distil the original softmax model,
+            KL(original ‖ linearized) of the next-token distributions (held-out loss and the best
+            checkpoint stay next-token).
+        kl_temperature: T of the ``kl`` loss: both distributions are softened by T and the KL scaled by T².
     """
 
     section: typing.ClassVar[str] = "lora"
+    losses: typing.ClassVar[tuple[str, ...]] = ("next_token", "kl")
 
     max_grad_norm: float = 1.0
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=list)
+    loss: str = "next_token"
+    kl_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -231,6 +255,8 @@ class LoraConfig(LoopConfig):
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
         check_number("lora.alpha", self.alpha, strict=True)
+        check_choice("lora.loss", self.loss, self.losses)
+        check_number("lora.kl_temperature", self.kl_temperature, strict=True)
 
 
 @dataclass
@@ -264,18 +290,6 @@ class BlockwiseConfig:
         check_int("blockwise.max_inflight_chunks", self.max_inflight_chunks, 0, " (0 = all at once)")
         check_choice("blockwise.shard_dtype", self.shard_dtype, ("bfloat16", "float16", "float32"))
         check_int("blockwise.tokens", self.tokens, 0)
-
-
-@dataclass
-class ReportConfig:
-    """What the report measures. ``samples``: prompts for sample generations."""
-
-    enabled: bool = True
-    sample_tokens: int = 40
-    samples: list[str] = field(default_factory=lambda: [
-        "The state of the union is",
-        "Call me Ishmael. Some years ago",
-    ])
 
 
 @dataclass

@@ -14,7 +14,7 @@ from lolcats.models import Family, family_for
 
 logger = logging.getLogger(__name__)
 
-TRAINABLE_KEYS = ("feature_map_q", "feature_map_k", "window_factor")
+TRAINABLE_KEYS = ("feature_map_q", "feature_map_k", "window_factor", "decay_logit")
 
 
 def _head_counts(model: nn.Module) -> tuple[int, int]:

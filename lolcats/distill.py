@@ -84,10 +84,9 @@ class TransferAttention(nn.Module):
         """Hedgehog's loss: cross-entropy of the student's attention weights against softmax's (O(T²))."""
         from lolcats.ops.reference import hybrid_attention_weights, repeat_kv
 
-        s, c = self.student, self.student.attn_config
+        s = self.student
         fq, fk = s.features(q, k)
-        student = hybrid_attention_weights(q, k, fq, fk, torch.sigmoid(s.window_factor), variant=c.variant,
-                                           window_size=c.window_size, scale=s.scaling, valid=valid)
+        student = hybrid_attention_weights(q, k, fq, fk, s.gamma(), s.spec, valid, s.log_decay())
         kr = repeat_kv(k, s.num_heads // s.num_kv_heads)
         scores = (q @ kr.transpose(-1, -2)) * s.scaling
         causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()

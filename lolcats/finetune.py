@@ -1,5 +1,6 @@
-"""Stage 2, LoRA repair (docs/design.md §3): peft LoRA on the attention projections, next-token loss,
-feature maps and window factors frozen."""
+"""Stage 2, LoRA repair (docs/design.md §3): peft LoRA on the attention projections, feature maps and
+window factors frozen; the loss is next-token cross-entropy or, with ``lora.loss: kl``, the KL divergence
+from the original softmax model (:mod:`lolcats.teacher`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from lolcats.config import LoraConfig
 from lolcats.data import Chunks
 from lolcats.models import family_for
+from lolcats.teacher import kl_divergence, next_token_nll, teacher_logits
 from lolcats.training import StageResult, StageSpec, Trainer
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,30 @@ def next_token_loss(model: nn.Module, input_ids: Tensor, labels: Tensor) -> Tens
     return model(input_ids=input_ids.to(device), labels=labels.to(device), use_cache=False).loss
 
 
+def kl_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """KL(original softmax model ‖ ``model``) over the predicted tokens (:func:`lolcats.teacher.kl_divergence`),
+    and the next-token loss of the same pass (without gradient, for the log).
+
+    The teacher runs first, without gradients and with the adapters off; its logits live for this call only.
+    """
+    device = next(model.parameters()).device
+    target = teacher_logits(model, input_ids)
+    logits = model(input_ids=input_ids.to(device), use_cache=False).logits
+    return kl_divergence(logits, target, labels, temperature), next_token_nll(logits, labels)
+
+
+def stage2_loss(model: nn.Module, cfg: LoraConfig) -> Callable[[Tensor, Tensor], tuple[Tensor, dict[str, float]]]:
+    """The training loss ``lora.loss`` names, as a :class:`~lolcats.training.StageSpec` ``loss_fn``."""
+    if cfg.loss == "kl":
+        def kl(input_ids: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+            loss, next_token = kl_loss(model, input_ids, labels, cfg.kl_temperature)
+            return loss, {"next_token_loss": next_token.item()}
+        return kl
+    if cfg.loss == "next_token":
+        return lambda input_ids, labels: (next_token_loss(model, input_ids, labels), {})
+    raise ValueError(f"lora.loss={cfg.loss!r} is not valid; choose one of {', '.join(map(repr, cfg.losses))}")
+
+
 @torch.no_grad()
 def mean_loss(model: nn.Module, chunks: Chunks) -> float:
     total = 0.0
@@ -55,10 +81,9 @@ def mean_loss(model: nn.Module, chunks: Chunks) -> float:
 
 def run_stage2(peft_model: nn.Module, train: Chunks, heldout: Chunks, cfg: LoraConfig, state_dir: Path, seed: int,
                log: Callable[[dict], None], progress: Callable[[int, int, dict], None] | None = None) -> StageResult:
-    """Train LoRA weights with next-token cross-entropy; prompts are already masked in ``labels``."""
-    def loss_fn(input_ids: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
-        return next_token_loss(peft_model, input_ids, labels), {}
-
+    """Train LoRA weights with ``lora.loss`` (next-token cross-entropy, or KL from the original softmax
+    model); prompts are already masked in ``labels``. The held-out loss, and so the best checkpoint, is
+    next-token cross-entropy with either training loss."""
     def eval_fn() -> float:
         was_training = peft_model.training
         peft_model.eval()
@@ -67,8 +92,8 @@ def run_stage2(peft_model: nn.Module, train: Chunks, heldout: Chunks, cfg: LoraC
         finally:
             peft_model.train(was_training)
 
-    spec = StageSpec(name="stage2", params=lora_parameters(peft_model), loss_fn=loss_fn, eval_fn=eval_fn, loop=cfg,
-                     data_parallel=True)
+    spec = StageSpec(name="stage2", params=lora_parameters(peft_model), loss_fn=stage2_loss(peft_model, cfg),
+                     eval_fn=eval_fn, loop=cfg, data_parallel=True)
     peft_model.train()
     try:
         return Trainer(spec, train, state_dir, seed, log, progress).run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import platform
@@ -25,10 +26,11 @@ from lolcats.checkpoint import (
     versions,
     write_run_config,
 )
-from lolcats.config import LolcatsConfig
+from lolcats.config import DataConfig, LolcatsConfig
 from lolcats.convert import convert_model, trainable_attention_parameters
-from lolcats.data import build_eval_windows, build_train_data
+from lolcats.data import Chunks, build_eval_windows, build_train_data
 from lolcats.distill import heldout_attention_mse, run_stage1
+from lolcats.eval.long_context import LongContext
 from lolcats.eval.perplexity import perplexity
 from lolcats.finetune import add_lora, lora_parameters, run_stage2
 from lolcats.generate import generate_text
@@ -74,6 +76,18 @@ class _Cached:
         return self.data[key]
 
 
+def eval_windows(spec: str, tokenizer: Any, d: DataConfig, from_: str = "") -> Chunks:
+    """The report's perplexity windows of a corpus: the first ``data.eval_windows`` of ``data.eval_seq_len``
+    tokens (whatever the training length ``data.seq_len`` is)."""
+    try:
+        return build_eval_windows(spec, tokenizer, d.eval_seq_len, d.eval_windows, from_=from_)
+    except ValueError as e:
+        if "fewer than one chunk" not in str(e):
+            raise
+        raise ValueError(f"evaluation data {spec} is shorter than one window of data.eval_seq_len={d.eval_seq_len} "
+                         "tokens; lower data.eval_seq_len or give a longer corpus") from None
+
+
 def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | None = None) -> RunResult:
     """Run the whole LoLCATs recipe into ``cfg.out_dir``; rerunning resumes where it stopped.
 
@@ -85,6 +99,7 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
     run.convert()
     run.stage1()
     run.stage2()
+    run.long_context()
     return run.finish()
 
 
@@ -110,9 +125,8 @@ class Run:
         if self.reporting:
             self.eval_sets = {
                 "in_domain": (self.heldout if d.eval_in_domain == "heldout" else
-                              build_eval_windows(d.eval_in_domain, self.tokenizer, d.seq_len, d.eval_windows,
-                                                 from_=d.eval_in_domain_filter)),
-                "out_of_domain": build_eval_windows(d.eval_out_of_domain, self.tokenizer, d.seq_len, d.eval_windows)}
+                              eval_windows(d.eval_in_domain, self.tokenizer, d, from_=d.eval_in_domain_filter)),
+                "out_of_domain": eval_windows(d.eval_out_of_domain, self.tokenizer, d)}
         config_sha = config_sha256(hf_config)
         action = plan_out_dir(out, cfg, config_sha, overwrite)
         self.model, _, _ = load_base(cfg.model)
@@ -147,8 +161,9 @@ class Run:
         if self.main:
             write_run_config(self.out, self.record)
 
-    def measure(self, key: str, window: int | None = None) -> None:
-        """Held-out perplexities of the model as it is now (cached in train_state/ for a resumed run)."""
+    def measure(self, key: str, window: int | None = None, sinks: int = 0) -> None:
+        """Held-out perplexities of the model as it is now (cached in train_state/ for a resumed run); with
+        ``window`` (and ``sinks``) a softmax model sees only that many recent keys (and the first tokens)."""
         if not self.reporting:
             return
 
@@ -158,18 +173,46 @@ class Run:
             done, result = 0, {}
             for name, chunks in sets.items():
                 result[name] = perplexity(self.final, chunks, window,
-                                          progress=lambda i, base=done: self.progress.update(base + i))
+                                          progress=lambda i, base=done: self.progress.update(base + i), sinks=sinks)
                 done += len(chunks)
             self.progress.end()
-            return result
+            return {**result, "sinks": sinks} if sinks else result
 
-        self.evals[key] = self.cached.get(key, compute)
+        self.evals[key] = self.cached.get(key if not sinks else f"{key} {sinks}", compute)
         self.log({"eval": key, **self.evals[key]})
 
+    @functools.cached_property
+    def _long(self) -> LongContext | None:
+        """The long-context measurements (``report.long_context``), or None when off or not reporting."""
+        if not (self.reporting and self.cfg.report.long_context):
+            return None
+        return LongContext(self.cfg.report, self.tokenizer, self.cached.get, self.progress)
+
     def baselines(self) -> None:
-        """The original model and a sliding-window-only baseline (no linear term)."""
+        """The original model, a sliding-window-only baseline (no linear term) and a window + attention-sinks
+        baseline (``report.baseline_sinks``; 0 leaves it out). With ``report.long_context`` the same softmax
+        baselines are measured on long windows (and the original on passkey) now, before conversion."""
+        w, s = self.cfg.attention.window_size, self.cfg.report.baseline_sinks
+        if self._long is not None:
+            self._long.check(self.model)
         self.measure("original")
-        self.measure("window_only", self.cfg.attention.window_size)
+        self.measure("window_only", w)
+        if s:
+            self.measure("window_sinks", w, s)
+        if self._long is not None:
+            self._long.perplexity("original", self.model)
+            self._long.perplexity("window_only", self.model, w)
+            if s:
+                self._long.perplexity("window_sinks", self.model, w, s)
+            self._long.passkey("original", self.model)
+            self.evals["long_context"] = self._long.results
+
+    def long_context(self) -> None:
+        """The final model's perplexity by position on long windows and passkey accuracy (``report.long_context``)."""
+        if self._long is not None:
+            self._long.perplexity("final", self.final)
+            self._long.passkey("final", self.final)
+            self.evals["long_context"] = self._long.results
 
     def convert(self) -> None:
         """Swap every attention layer (per-layer seeded feature maps) and measure the untrained conversion."""
@@ -217,7 +260,7 @@ class Run:
             self.mse_after = self.cached.get("mse_after", lambda: heldout_attention_mse(self.model, self.heldout))
 
     def stage2(self) -> None:
-        """LoRA repair with next-token loss (skipped when ``lora.max_steps`` is 0)."""
+        """LoRA repair with ``lora.loss`` (next-token or KL from the original; skipped when ``lora.max_steps`` is 0)."""
         c = self.cfg
         if c.lora.max_steps <= 0:
             return
@@ -243,11 +286,12 @@ class Run:
                 "model": c.model.name_or_path, "source_note": self.source_note,
                 "attention": dataclasses.asdict(c.attention), "date": datetime.date.today().isoformat(),
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {c.model.device}",
-                "in_domain_desc": (f"the {len(self.heldout)} held-out chunks of {d.train} ({d.seq_len} tokens each)"
-                                   if d.eval_in_domain == "heldout" else
+                "in_domain_desc": (f"the {len(self.heldout)} held-out chunks of {d.train} (training chunks of "
+                                   f"{d.seq_len} tokens)" if d.eval_in_domain == "heldout" else
                                    f"{d.eval_in_domain} (files from {d.eval_in_domain_filter!r} on), first "
-                                   f"{d.eval_windows} windows of {d.seq_len} tokens"),
-                "out_of_domain_desc": f"{d.eval_out_of_domain}, first {d.eval_windows} windows of {d.seq_len} tokens",
+                                   f"{d.eval_windows} windows of {d.eval_seq_len} tokens"),
+                "out_of_domain_desc": (f"{d.eval_out_of_domain}, first {d.eval_windows} windows of {d.eval_seq_len} "
+                                       "tokens"),
                 "evals": self.evals, "mse_before": self.mse_before, "mse_after": self.mse_after,
                 "stages": self.stages, "samples": samples,
             })

@@ -7,33 +7,51 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from lolcats.eval.long_context import long_context_section
 from lolcats.eval.perplexity import gap_closure
 from lolcats.io import atomic_write_text
 
 ROWS = [
     ("original", "original (softmax)"),
     ("window_only", "sliding window only (no linear term)"),
+    ("window_sinks", "sliding window + attention sinks"),
     ("converted", "converted, before training"),
     ("stage1", "after stage 1 (attention transfer)"),
     ("stage2", "after stage 2 (LoRA)"),
 ]
 
 
+BASELINES = ("original", "window_only", "window_sinks")
+DOMAINS = ("in_domain", "out_of_domain")
+LONG_CONTEXT_ROWS = {"original": "original (softmax)", "window_only": "sliding window only",
+                     "window_sinks": "sliding window + attention sinks", "final": "linearized (final model)"}
+
+
+def _closures(evals: dict[str, Any], key: str, baseline: str) -> list[str]:
+    """Gap-closure cells of row ``key`` from ``baseline`` toward the original, one per domain ('' for baselines)."""
+    base, orig = evals.get(baseline), evals.get("original")
+    if not (base and orig) or key in BASELINES:
+        return ["" for _ in DOMAINS]
+    return [f"{100 * gap_closure(base[d], evals[key][d], orig[d]):.1f}%" for d in DOMAINS]
+
+
 def perplexity_table(evals: dict[str, Any]) -> str:
-    """Markdown table of in-domain / out-of-domain perplexity and gap closure per row."""
-    lines = ["| model | in-domain ppl | out-of-domain ppl | closure in-domain | closure out-of-domain |",
-             "|---|---:|---:|---:|---:|"]
-    base, orig = evals.get("window_only"), evals.get("original")
+    """Markdown table of in-domain / out-of-domain perplexity and gap closure per row: from the window-only
+    baseline, and (when measured) from the window + sinks baseline."""
+    sinks = "window_sinks" in evals
+    head = "| model | in-domain ppl | out-of-domain ppl | closure in-domain | closure out-of-domain |"
+    if sinks:
+        head += " closure from window+sinks in-domain | closure from window+sinks out-of-domain |"
+    lines = [head, "|---|---:|---:|---:|---:|" + ("---:|---:|" if sinks else "")]
     for key, label in ROWS:
         if key not in evals:
             continue
         row = evals[key]
-        cells = [label, f"{row['in_domain']:.2f}", f"{row['out_of_domain']:.2f}"]
-        for domain in ("in_domain", "out_of_domain"):
-            if base and orig and key not in ("original", "window_only"):
-                cells.append(f"{100 * gap_closure(base[domain], row[domain], orig[domain]):.1f}%")
-            else:
-                cells.append("")
+        if row.get("sinks"):
+            label = f"sliding window + {row['sinks']} attention sinks"
+        cells = [label, f"{row['in_domain']:.2f}", f"{row['out_of_domain']:.2f}", *_closures(evals, key, "window_only")]
+        if sinks:
+            cells += _closures(evals, key, "window_sinks")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -81,9 +99,13 @@ def write_report(path: Path, info: dict[str, Any]) -> str:
         "## Held-out perplexity", "",
         f"In-domain: {info['in_domain_desc']}. Out-of-domain: {info['out_of_domain_desc']}. "
         "Gap closure is in log-perplexity, from the sliding-window-only baseline toward the original: "
-        "(ln P_window − ln P_model) / (ln P_window − ln P_original).", "",
+        "(ln P_window − ln P_model) / (ln P_window − ln P_original)"
+        + ("; the second pair of closure columns takes the window + attention-sinks baseline as P_window."
+           if "window_sinks" in evals else "."), "",
         table, "",
     ]
+    if evals.get("long_context"):
+        parts += long_context_section(evals["long_context"], LONG_CONTEXT_ROWS)
     if mse_before:
         mean_b = sum(mse_before) / len(mse_before)
         parts += ["## Attention transfer", "",

@@ -34,11 +34,18 @@ STAGES = {"stage1": ATTENTION_FILE, "stage2": ADAPTER_WEIGHTS}  # each stage's r
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config a resumed run must share; the base itself is compared by fingerprint, not by name."""
+    """The config a resumed run must share; the base itself is compared by fingerprint, not by name. Keys a
+    later lolcats added are filled with their defaults, which keep the older behaviour."""
+    try:
+        cfg = LolcatsConfig.from_dict(cfg).to_dict()
+    except (ValueError, TypeError):
+        pass  # compared as written: it differs from any valid config
     out = {k: v for k, v in cfg.items() if k not in ("out_dir", "threads", "report")}
     out["model"] = {k: v for k, v in out.get("model", {}).items() if k != "name_or_path"}
     return out
 
+
+RESUMABLE = (2, FORMAT_VERSION)  # format 2 lacks only options added since, whose defaults keep its behaviour
 
 # what a run writes into its out_dir; a run that never finished a training step may be started again
 # with another config, and these are what is removed then
@@ -116,8 +123,8 @@ def plan_out_dir(out: Path, cfg: LolcatsConfig, config_sha: str, overwrite: bool
     old, new = _comparable(record["config"]), _comparable(cfg.to_dict())
     same_base = base.get("config_sha256") in (None, config_sha)
     if not _trained(out):
-        return "resume" if same_base and old == new and record["format_version"] == FORMAT_VERSION else "restart"
-    if record["format_version"] != FORMAT_VERSION:
+        return "resume" if same_base and old == new and record["format_version"] in RESUMABLE else "restart"
+    if record["format_version"] not in RESUMABLE:
         raise CheckpointError(f"out_dir {out} was written by an older lolcats (format {record['format_version']}, "
                               "no checksums): it loads and evaluates as is, but cannot be resumed; choose another "
                               "out_dir or pass --overwrite to run again")

@@ -137,7 +137,7 @@ def tiny_recipe(root, out=None, **changes) -> dict:
         "model": {"name_or_path": str(root / "base"), "device": "cpu"},
         "attention": {"variant": "terraced", "window_size": 8, "feature_dim": 8},
         "data": {"train": str(root / "train"), "train_filter": "", "eval_in_domain": "heldout",
-                 "eval_out_of_domain": str(root / "ood"), "seq_len": 32, "heldout_chunks": 2,
+                 "eval_out_of_domain": str(root / "ood"), "seq_len": 32, "eval_seq_len": 32, "heldout_chunks": 2,
                  "eval_windows": 2},
         "distill": {"max_steps": 4, "grad_accum": 2, "eval_every": 2, "checkpoint_every": 1},
         "lora": {"max_steps": 3, "grad_accum": 2, "lr": 1e-3, "eval_every": 2, "checkpoint_every": 1},

@@ -388,6 +388,11 @@ def _(w):
     return ["eval", "ppl", w.shared / "base", "--seq-len", "0"], None
 
 
+@case("eval-ppl-window-on-linearized", "is linearized")
+def _(w):
+    return ["eval", "ppl", w.finished(), "--data", w.shared / "ood", "--seq-len", "16", "--window", "4"], None
+
+
 # 6. values checked where they are read, naming the key or the flag
 for _key, _value in (("distill.lr", ".nan"), ("distill.lr", "-0.01"), ("lora.lr", ".nan"), ("lora.lr", "-1e-4"),
                      ("lora.lr", "0"), ("distill.weight_decay", "-1"), ("lora.alpha", "0"),
@@ -405,7 +410,10 @@ for _key, _value, _expect in (("threads", "-2", "threads=-2 must be a non-negati
                               ("attention.window_size", "0", "attention.window_size=0"),
                               ("distill.grad_accum", "0", "distill.grad_accum=0"),
                               ("lora.dropout", "1.5", "lora.dropout=1.5"),
-                              ("model.dtype", "float8", "model.dtype='float8' is not valid")):
+                              ("model.dtype", "float8", "model.dtype='float8' is not valid"),
+                              ("report.baseline_sinks", "-1", "report.baseline_sinks=-1 must be a non-negative"),
+                              ("report.passkey_lengths", "[0]", "report.passkey_lengths[0]=0 must be a positive"),
+                              ("report.long_context_seq_len", "0", "report.long_context_seq_len=0")):
     def _make(key: str, value: str, expect: str):
         @case(f"{key}={value}", expect)
         def _(w):
@@ -416,6 +424,9 @@ for _argv, _expect in (
     (["blockwise", "plan", "{recipe}", "--tokens", "-5"], "argument --tokens: -5 must be a positive whole number"),
     (["eval", "ppl", "{base}", "--windows", "0"], "argument --windows: 0 must be a positive whole number"),
     (["eval", "ppl", "{base}", "--seq-len", "many"], "argument --seq-len: 'many' is not a whole number"),
+    (["eval", "ppl", "{base}", "--sinks", "4"], "--sinks 4 needs --window"),
+    (["eval", "ppl", "{base}", "--window", "0"], "argument --window: 0 must be a positive whole number"),
+    (["eval", "ppl", "{base}", "--window", "8", "--sinks", "-1"], "argument --sinks: -1 must be 0 or more"),
     (["generate", "{base}", "--prompt", "hi", "--max-new-tokens", "0"], "argument --max-new-tokens"),
     (["generate", "{base}", "--prompt", "hi", "--top-p", "1.5"], "argument --top-p: 1.5 must be between 0 and 1"),
     (["generate", "{base}", "--prompt", "hi", "--temperature", "0"], "argument --temperature: 0.0 must be greater"),
@@ -545,6 +556,26 @@ def _(w):
     d.mkdir()
     (d / "lolcats_config.json").write_text("[")
     return ["verify", d], None
+
+
+@case("lora-loss-unknown", "lora.loss='foo' is not valid")
+def _(w):
+    return linearize_args(w, "lora.loss=foo"), None
+
+
+@case("lora-kl-temperature-zero", "lora.kl_temperature=0.0 must be a finite number > 0")
+def _(w):
+    return linearize_args(w, "lora.loss=kl", "lora.kl_temperature=0"), None
+
+
+@case("eval-seq-len-zero", "data.eval_seq_len=0 must be a positive integer")
+def _(w):
+    return linearize_args(w, "data.eval_seq_len=0"), None
+
+
+@case("eval-seq-len-longer-than-eval-data", "shorter than one window of data.eval_seq_len=100000")
+def _(w):
+    return linearize_args(w, "report.enabled=true", "data.eval_seq_len=100000"), None
 
 
 # ----------------------------------------------------------------------------------------------- the test

@@ -79,7 +79,7 @@ def test_stage_sections_share_the_loop_settings_and_keep_their_recipe_keys():
     assert keys(LoopConfig) == LOOP_KEYS
     assert keys(DistillConfig) == LOOP_KEYS | {"mse_scale", "attention_ce_weight", "scheduler", "plateau_patience",
                                                "plateau_factor", "min_lr"}
-    assert keys(LoraConfig) == LOOP_KEYS | {"r", "alpha", "dropout", "target_modules"}
+    assert keys(LoraConfig) == LOOP_KEYS | {"r", "alpha", "dropout", "target_modules", "loss", "kl_temperature"}
     d, lo = DistillConfig(), LoraConfig()
 
     def loop(c: LoopConfig) -> tuple:

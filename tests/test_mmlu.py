@@ -65,7 +65,8 @@ def _scores(result):
     return torch.tensor([p["logprobs"] for p in result["predictions"]]), [p["prediction"] for p in result["predictions"]]
 
 
-@pytest.mark.parametrize("kind", ["softmax", "sliding_window", "terraced", "linear"])
+@pytest.mark.parametrize("kind", ["softmax", "sliding_window", "terraced", "linear", "terraced+sinks+decay",
+                                  "linear+sinks+decay"])
 @pytest.mark.parametrize("shots", [5, 0])
 def test_cached_batched_equals_uncached(tmp_path, tokenizer, kind, shots):
     """The subject prefix run once and read by every batch (KV cache in place, recurrent state shared),
@@ -76,7 +77,9 @@ def test_cached_batched_equals_uncached(tmp_path, tokenizer, kind, shots):
     torch.manual_seed(0)
     model = build_tiny("llama", vocab_size=len(tokenizer))
     if kind != "softmax":
-        convert_model(model, AttentionConfig(variant=kind, window_size=8, chunk_size=8, window_factor_init=0.0))
+        options = {"sink_tokens": 3, "decay": True, "decay_init": 0.95} if "+sinks+decay" in kind else {}
+        convert_model(model, AttentionConfig(variant=kind.split("+")[0], window_size=8, chunk_size=8,
+                                             window_factor_init=0.0, **options))
     seen = []  # token counts the last layer's MLP ran on
     model.model.layers[-1].mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
     fast = evaluate_mmlu(model, tokenizer, data, shots=shots, batch_size=4, cached=True)

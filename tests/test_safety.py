@@ -204,3 +204,25 @@ def test_format_1_out_dir_loads_but_is_not_resumed(run_copy, capsys):
     assert "older lolcats (format 1" in capsys.readouterr().err
     assert main(["verify", str(out)]) == 2
     assert "records no checksums" in capsys.readouterr().err
+
+
+def test_format_2_out_dir_loads_and_resumes(run_copy, capsys):
+    """A format-2 record (before sinks and decay) has none of their keys: it loads as it was and a rerun of the
+    same recipe resumes it (finished, nothing retrained) instead of calling it another config."""
+    out = run_copy / "out"
+    record = json.loads((out / "lolcats_config.json").read_text())
+    expected = load(out)
+    old = record | {"format_version": 2}
+    for section, keys in (("attention", ("sink_tokens", "decay", "decay_init")), ("lora", ("loss", "kl_temperature"))):
+        for key in keys:
+            old["config"][section].pop(key)
+    (out / "lolcats_config.json").write_text(json.dumps(old))
+    import torch
+
+    x = torch.randint(3, 40, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(load(out)(input_ids=x).logits, expected(input_ids=x).logits, atol=0, rtol=0)
+    attention = (out / ATT).read_bytes()
+    assert main(["linearize", str(run_copy / "recipe.yaml")]) == 0, capsys.readouterr().err
+    assert (out / ATT).read_bytes() == attention
+    assert json.loads((out / "lolcats_config.json").read_text())["format_version"] == 3

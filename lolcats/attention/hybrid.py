@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -35,7 +37,8 @@ class LolcatsAttention(nn.Module):
 
     Keeps the original module's q/k/v/o projections (and q/k norms) under their original names, so
     state dicts and LoRA target names are unchanged; adds per-head feature maps for q and k and a
-    per-head window factor γ = sigmoid(ω). Without a cache it attends in parallel; with one, a prompt is
+    per-head window factor γ = sigmoid(ω) and, with ``attention.decay``, a per-head decay λ = sigmoid(ρ) of the
+    linear part. Without a cache it attends in parallel; with one, a prompt is
     summarised into a decode state (prefill), which later tokens extend, several at once or one by one.
     """
 
@@ -53,7 +56,8 @@ class LolcatsAttention(nn.Module):
         self.native_window = family.native_window(base)
         self.hf_config = getattr(base, "config", None)
         self._rotary = rotary_function(base)
-        self.spec = AttentionSpec(config.variant, config.window_size, self.scaling, config.chunk_size)
+        self.spec = AttentionSpec(config.variant, config.window_size, self.scaling, config.chunk_size,
+                                  sinks=config.sink_tokens)
         # trainable weights live beside the base weights, in float32 or wider
         ref = next(base.parameters())
         device, dtype = ref.device, torch.promote_types(ref.dtype, torch.float32)
@@ -65,11 +69,16 @@ class LolcatsAttention(nn.Module):
         ).to(device=device, dtype=dtype)
         self.window_factor = nn.Parameter(
             torch.full((num_heads,), float(config.window_factor_init), device=device, dtype=dtype))
+        if config.decay:  # λ = sigmoid(ρ) per head, ρ₀ = logit(λ₀)
+            rho = math.log(config.decay_init / (1 - config.decay_init))
+            self.decay_logit = nn.Parameter(torch.full((num_heads,), rho, device=device, dtype=dtype))
+        else:
+            self.decay_logit = None
 
     def extra_repr(self) -> str:
         c = self.attn_config
-        return (f"layer={self.layer_idx}, variant={c.variant}, window={c.window_size}, "
-                f"feature_map={c.feature_map}, heads={self.num_heads}/{self.num_kv_heads}")
+        return (f"layer={self.layer_idx}, variant={c.variant}, window={c.window_size}, sinks={c.sink_tokens}, "
+                f"decay={c.decay}, feature_map={c.feature_map}, heads={self.num_heads}/{self.num_kv_heads}")
 
     def qkv(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """q (B, H, T, D), k and v (B, Hkv, T, D), after q/k norm and rotary, as the original computes them."""
@@ -88,6 +97,10 @@ class LolcatsAttention(nn.Module):
     def gamma(self) -> Tensor:
         """(H,) window factor γ = sigmoid(ω)."""
         return torch.sigmoid(self.window_factor)
+
+    def log_decay(self) -> Tensor | None:
+        """(H,) log λ = log sigmoid(ρ) of the linear part's decay, or None without decay."""
+        return None if self.decay_logit is None else nn.functional.logsigmoid(self.decay_logit)
 
     def forward(
         self,
@@ -115,7 +128,8 @@ class LolcatsAttention(nn.Module):
                   valid: Tensor | None) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
         """Chunked O(T) form: the output, φ_k of the keys and the pass's totals (a prefill reuses both)."""
         fq, fk = self.features(q, k)
-        y, totals = hybrid_attention_chunked(q, k, v, fq, fk, self.gamma(), self.spec, valid)
+        y, totals = hybrid_attention_chunked(q, k, v, fq, fk, self.gamma(), self.spec, valid,
+                                             log_decay=self.log_decay())
         return y, fk, totals
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
@@ -128,12 +142,13 @@ class LolcatsAttention(nn.Module):
         later tokens extend the state, several at once in chunked form or one by one (decode)."""
         if cache.state is None:
             y, fk, totals = self._parallel(q, k, v, valid)
-            cache.state = prefill_state(k, v, fk, self.spec, valid, totals=totals)
+            cache.state = prefill_state(k, v, fk, self.spec, valid, totals=totals, log_decay=self.log_decay())
             return y
         fq = self.feature_map_q(q)
         if q.shape[2] > 1:  # several tokens on top of a state (a cached prefix): chunked
-            y, cache.state = extend_state(cache.state, q, k, v, fq, self.gamma(), self.feature_k, self.spec, valid)
+            y, cache.state = extend_state(cache.state, q, k, v, fq, self.gamma(), self.feature_k, self.spec, valid,
+                                          log_decay=self.log_decay())
             return y
         y, cache.state = decode_step(cache.state, q, k, v, fq, self.gamma(), self.feature_k, self.spec,
-                                     None if valid is None else valid[:, 0])
+                                     None if valid is None else valid[:, 0], log_decay=self.log_decay())
         return y

@@ -27,29 +27,47 @@ def _counting(progress: TqdmProgress, stage: str, total: int, unit: str) -> Iter
         progress.end()
 
 
+def _window_label(window: int | None, sinks: int) -> str:
+    """'' for the model as it is, else e.g. ' (window 64 + 4 sinks)'."""
+    if window is None:
+        return ""
+    return f" (window {window}" + (f" + {sinks} sinks)" if sinks else ")")
+
+
 def _eval_ppl(args: argparse.Namespace) -> int:
 
     from lolcats.checkpoint import load_model_any
+    from lolcats.convert import linearized_layers
     from lolcats.data import build_eval_windows
     from lolcats.eval.perplexity import token_metrics
 
+    if args.sinks is not None and args.window is None:
+        raise ValueError(f"--sinks {args.sinks} needs --window: sinks are kept beside a window of recent tokens; "
+                         "add --window W (e.g. --window 64)")
+    sinks = args.sinks or 0
     model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
+    if args.window is not None and linearized_layers(model):
+        raise ValueError(f"--window scores a softmax model with only a window of recent tokens, but {args.model} is "
+                         f"linearized ({len(linearized_layers(model))} layers swapped); give the original softmax "
+                         "model (the run's base) for the baseline, or drop --window to score this one")
     teacher = load_model_any(args.teacher, trust_remote_code=args.trust_remote_code)[0] if args.teacher else None
     chunks = build_eval_windows(args.data, tokenizer, args.seq_len, args.windows)
-    r = token_metrics(model, chunks, teacher)
-    print(f"perplexity {r['ppl']:.3f} over {len(chunks)} windows of {args.seq_len} tokens of {args.data} "
+    r = token_metrics(model, chunks, teacher, window=args.window, sinks=sinks)
+    label = _window_label(args.window, sinks)
+    print(f"perplexity{label} {r['ppl']:.3f} over {len(chunks)} windows of {args.seq_len} tokens of {args.data} "
           f"({r['tokens']} predicted tokens)")
     if teacher is not None:
         print(f"teacher perplexity {r['teacher_ppl']:.3f}; KL(teacher‖model) {r['kl']:.4f} nats/token; "
               f"top-1 agreement {100 * r['top1_agreement']:.2f}%")
-    print("| positions | tokens | perplexity |" + (" teacher perplexity |" if teacher is not None else ""))
+    print(f"| positions | tokens | perplexity{label} |" + (" teacher perplexity |" if teacher is not None else ""))
     print("|---|---:|---:|" + ("---:|" if teacher is not None else ""))
     for name, b in r["by_position"].items():
         extra = f" {r['teacher_by_position'][name]['ppl']:.3f} |" if teacher is not None else ""
         print(f"| {name} | {b['tokens']} | {b['ppl']:.3f} |{extra}")
     if args.out:
         write_json(args.out, {"model": args.model, "teacher": args.teacher, "data": args.data,
-                              "seq_len": args.seq_len, "windows": len(chunks), **r})
+                              "seq_len": args.seq_len, "windows": len(chunks), "window": args.window,
+                              "sinks": sinks if args.window is not None else None, **r})
         print(f"results written to {args.out}")
     return 0
 
@@ -159,6 +177,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=positive_int, default=1024)
     p.add_argument("--windows", type=positive_int, default=6)
     p.add_argument("--teacher", help="a reference model (e.g. the original): adds KL(teacher‖model) and top-1 agreement")
+    p.add_argument("--window", type=positive_int,
+                   help="score a softmax model with only a sliding window of this many keys (the window baseline)")
+    p.add_argument("--sinks", type=nonneg_int,
+                   help="with --window: each query also sees the first this many tokens (attention sinks)")
     p.add_argument("--out", help="write the result JSON here")
     trust_flag(p)
     p.set_defaults(func=_eval_ppl)

@@ -144,5 +144,7 @@ class SharedPrefixState(LolcatsCacheLayer):
         no row is padded and T is short, else the chunked one."""
         fq, gamma = attn.feature_map_q(q), attn.gamma()
         if valid is None and q.shape[2] <= DENSE_MAX_TOKENS and self.state.started():
-            return attend_on_state(self.state, q, k, v, fq, gamma, attn.feature_k, attn.spec).to(q.dtype)
-        return attend_after(self.state.broadcast(q.shape[0]), q, k, v, fq, gamma, attn.feature_k, attn.spec, valid)
+            return attend_on_state(self.state, q, k, v, fq, gamma, attn.feature_k, attn.spec,
+                                   log_decay=attn.log_decay()).to(q.dtype)
+        return attend_after(self.state.broadcast(q.shape[0]), q, k, v, fq, gamma, attn.feature_k, attn.spec, valid,
+                            log_decay=attn.log_decay())

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lolcats.ops.chunked import MIN_EXP
-from lolcats.ops.reference import repeat_kv
+from lolcats.ops.reference import decay_factors, repeat_kv
 from lolcats.ops.spec import AttentionSpec
 from lolcats.ops.state import DecodeState, FeatureFn
 
@@ -40,7 +40,7 @@ def _bounding_box(mask: Tensor) -> tuple[int, int, int] | None:
 
 def attend_on_state(
     state: DecodeState, q: Tensor, k: Tensor, v: Tensor, fq: Tensor, gamma: Tensor, feature_k: FeatureFn,
-    spec: AttentionSpec,
+    spec: AttentionSpec, log_decay: Tensor | None = None,
 ) -> Tensor:
     """Outputs of T new tokens per row on top of ``state``, which stays as it is: the same as
     :func:`lolcats.ops.attend_after` (the chunked form) for rows without padding, in one dense pass of
@@ -54,7 +54,8 @@ def attend_on_state(
         q: (B, H, T, D); k: (B, Hkv, T, D); v: (B, Hkv, T, Dv); fq: (B, H, T, F). No padding.
         gamma: (H,) window factor.
         feature_k: φ_k, applied to the keys that fall in the linear part.
-        spec: window shape and scale.
+        spec: window shape, scale and sink tokens.
+        log_decay: log λ per head (H,), or None.
 
     Returns:
         (B, H, T, Dv) in the state's dtype.
@@ -81,7 +82,13 @@ def attend_on_state(
     s_w = _by_kv_head(q, wk).add_(bias[..., :slots])  # (B, H, T, L)
     s_o = _by_kv_head(q, k).add_(bias[..., slots:])  # (B, H, T, T)
     m = torch.maximum(s_w.amax(-1, keepdim=True), s_o.amax(-1, keepdim=True)) if slots else s_o.amax(-1, keepdim=True)
+    if spec.sinks:  # the state's sink tokens: exact for every query (all precede it)
+        s_s = _by_kv_head(q, state.sink_k.to(sdt))  # (B, H, T, s)
+        s_s = s_s.masked_fill(~state.sink_valid[:, None, None, :], -math.inf)
+        m = torch.maximum(m, s_s.amax(-1, keepdim=True))
     shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m)) - torch.log(gamma.to(sdt)).view(1, h, 1, 1)
+    ld = None if log_decay is None else log_decay.to(sdt)
+    k_idx = torch.arange(n0 - slots, n0 + t, device=device)
 
     def weights(s: Tensor, keys: Tensor, sl: slice) -> Tensor:
         """γ e^{s - m} inside the window (terms below e^-87 dropped: subnormal floats are slow on CPUs), plus
@@ -97,10 +104,23 @@ def attend_on_state(
             r0, c0, c1 = box
             phi_k = feature_k(repeat_kv(keys[:, :, c0:c1], groups)).to(sdt)
             linear = (fq[:, :, r0:] @ phi_k.transpose(-1, -2)).mul_(lin_f[..., sl][..., r0:, c0:c1])
+            if ld is not None:
+                cols = k_idx[sl][c0:c1]
+                linear = linear * decay_factors(ld, torch.arange(n0 + r0, n0 + t, device=device), cols)
             a[..., r0:, c0:c1] += linear
         return a
 
     a_w, a_o = weights(s_w, wk, slice(0, slots)), weights(s_o, k, slice(slots, None))
-    num = fq @ state.kv + _by_kv_head(a_w, wv.transpose(-1, -2)) + _by_kv_head(a_o, v.transpose(-1, -2))
-    den = fq @ state.k_sum.unsqueeze(-1) + a_w.sum(-1, keepdim=True) + a_o.sum(-1, keepdim=True)
+    fq_state = fq
+    if ld is not None:  # the state is current at token n0 - 1: λ^(r + 1) for the r-th new token
+        fq_state = fq * torch.exp(torch.arange(1, t + 1, device=device, dtype=sdt) * ld.view(h, 1)).view(1, h, t, 1)
+    num = fq_state @ state.kv + _by_kv_head(a_w, wv.transpose(-1, -2)) + _by_kv_head(a_o, v.transpose(-1, -2))
+    den = fq_state @ state.k_sum.unsqueeze(-1) + a_w.sum(-1, keepdim=True) + a_o.sum(-1, keepdim=True)
+    if spec.sinks:
+        if torch.is_grad_enabled():
+            a_s = torch.exp((s_s - shift).clamp(min=MIN_EXP)) * state.sink_valid[:, None, None, :].to(sdt)
+        else:
+            a_s = s_s.sub_(shift).clamp_(min=MIN_EXP).exp_().mul_(state.sink_valid[:, None, None, :].to(sdt))
+        num = num + _by_kv_head(a_s, state.sink_v.to(sdt).transpose(-1, -2))
+        den = den + a_s.sum(-1, keepdim=True)
     return num / torch.where(den > 0, den, torch.ones_like(den))

@@ -21,6 +21,13 @@ def repeat_kv(x: Tensor, groups: int) -> Tensor:
     return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
 
 
+def decay_factors(log_decay: Tensor, q_idx: Tensor, k_idx: Tensor) -> Tensor:
+    """λ^(i−j) per head for query indices i (Tq,) and key indices j (Tk,): (1, H, Tq, Tk), from log λ (H,).
+    Pairs with j > i get λ^0 (they are never in the linear part)."""
+    age = (q_idx[:, None] - k_idx[None, :]).clamp(min=0).to(log_decay.dtype)
+    return torch.exp(age * log_decay.view(1, -1, 1, 1))
+
+
 def combine(
     win_scores: Tensor, lin_weights: Tensor, v: Tensor, gamma: Tensor, extra_num: Tensor | None = None,
     extra_den: Tensor | None = None,
@@ -53,7 +60,8 @@ def combine(
 
 
 def _scores_and_weights(
-    q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, gamma: Tensor, spec: AttentionSpec, valid: Tensor | None
+    q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, gamma: Tensor, spec: AttentionSpec, valid: Tensor | None,
+    log_decay: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Masked window scores and linear weights of the full (T, T) matrix, k repeated to H heads."""
     b, h, t, _ = q.shape
@@ -65,12 +73,16 @@ def _scores_and_weights(
         lin = lin & valid[:, None, :]
     win, lin = win[:, None], lin[:, None]  # (B, 1, T, T)
     scores = ((q @ k.transpose(-1, -2)) * spec.scale).masked_fill(~win, float("-inf"))
-    return scores, (fq @ fk.transpose(-1, -2)) * lin, gamma.view(1, h, 1, 1).to(q.dtype)
+    lin_weights = (fq @ fk.transpose(-1, -2)) * lin
+    if log_decay is not None:
+        idx = torch.arange(t, device=q.device)
+        lin_weights = lin_weights * decay_factors(log_decay.to(q.dtype), idx, idx)
+    return scores, lin_weights, gamma.view(1, h, 1, 1).to(q.dtype)
 
 
 def hybrid_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, gamma: Tensor, spec: AttentionSpec,
-    valid: Tensor | None = None,
+    valid: Tensor | None = None, log_decay: Tensor | None = None,
 ) -> Tensor:
     """Hybrid attention by the definition, O(T²) time and memory.
 
@@ -81,30 +93,23 @@ def hybrid_attention_reference(
         fq: φ_q(q), (B, H, T, F).
         fk: φ_k(k) with k repeated to H heads, (B, H, T, F).
         gamma: window factor per head, sigmoid(ω), (H,).
-        spec: window shape, w and scale.
+        spec: window shape, w, scale and sink tokens.
         valid: (B, T) bool, False for padding tokens; None means all real.
+        log_decay: log λ per head, (H,): key j's linear weight for query i is λ^(i−j) φ_q·φ_k. None: no decay.
 
     Returns:
         (B, H, T, Dv)
     """
-    scores, lin_weights, g = _scores_and_weights(q, k, fq, fk, gamma, spec, valid)
+    scores, lin_weights, g = _scores_and_weights(q, k, fq, fk, gamma, spec, valid, log_decay)
     return combine(scores, lin_weights, repeat_kv(v, q.shape[1] // v.shape[1]), g)
 
 
 def hybrid_attention_weights(
-    q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, gamma: Tensor, spec: AttentionSpec | None = None,
-    valid: Tensor | None = None, **legacy: object,
+    q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, gamma: Tensor, spec: AttentionSpec,
+    valid: Tensor | None = None, log_decay: Tensor | None = None,
 ) -> Tensor:
     """The normalised (B, H, T, T) attention weights of hybrid attention (rows sum to 1): for
-    Hedgehog's attention cross-entropy and for inspection.
-
-    ``legacy``: ``variant``, ``window_size`` and ``scale`` as keywords instead of ``spec`` — for callers not
-    yet passing a spec (transitional; to be removed).
-    """
-    if spec is None:
-        spec = AttentionSpec(legacy.pop("variant"), legacy.pop("window_size"), legacy.pop("scale"))
-    if legacy:
-        raise TypeError(f"unexpected arguments {sorted(legacy)}")
-    scores, lin_weights, g = _scores_and_weights(q, k, fq, fk, gamma, spec, valid)
+    Hedgehog's attention cross-entropy and for inspection."""
+    scores, lin_weights, g = _scores_and_weights(q, k, fq, fk, gamma, spec, valid, log_decay)
     eye = torch.eye(q.shape[2], dtype=q.dtype, device=q.device).expand(*q.shape[:2], -1, -1)
     return combine(scores, lin_weights, eye, g)
