@@ -166,10 +166,15 @@ def build_train_data(spec: str, tokenizer, seq_len: int, heldout_chunks: int, be
     return train, heldout
 
 
-def build_eval_windows(spec: str, tokenizer, seq_len: int, windows: int, from_: str = "") -> Chunks:
-    """The first ``windows`` windows of ``seq_len`` tokens of a corpus, in file order, for perplexity."""
+def build_eval_windows(spec: str, tokenizer, seq_len: int, windows: int, from_: str = "", skip: int = 0) -> Chunks:
+    """``windows`` windows of ``seq_len`` tokens of a corpus, in file order, after the first ``skip`` ones, for
+    perplexity (``skip`` keeps data for choosing settings apart from data for judging them)."""
     ids, _ = tokenize_stream(load_documents(spec, from_=from_), tokenizer, mask_prompts=False)
-    return pack(ids, ids.clone(), seq_len, f"evaluation data {spec}", max_chunks=windows)
+    chunks = pack(ids, ids.clone(), seq_len, f"evaluation data {spec}", max_chunks=skip + windows)
+    if len(chunks) <= skip:
+        raise ValueError(f"evaluation data {spec} has {len(chunks)} windows of {seq_len} tokens, none after the "
+                         f"{skip} skipped; skip fewer windows or use shorter ones")
+    return Chunks(chunks.input_ids[skip:], chunks.labels[skip:])
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

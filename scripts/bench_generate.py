@@ -1,6 +1,7 @@
 """Decode and prefill throughput and memory: linearized SmolLM2 against the original (sdpa + DynamicCache).
 
     .venv/bin/python scripts/bench_generate.py [--lengths 512 2048 7680] [--batches 1 8] [--new-tokens 256]
+        [--attention sink_tokens=4 decay=true]
 
 Prefill is timed first, both models in one subprocess, alternating original / linearized at batch 1
 (``--prefill-repeats`` each, median: prefill tokens/s and the prefill speed-up). Then each (model,
@@ -8,7 +9,8 @@ prompt length, batch) runs in a fresh subprocess so its memory figures are its o
 prefilled once at batch 1 and the cache repeated to the batch size; then ``new-tokens`` greedy decode
 steps are timed one by one (decode tokens/s = batch ÷ median step time). Resident memory is read
 after glibc's malloc_trim, i.e. live memory. The linearized model is an *untrained* conversion
-(terraced, w = 64): timing does not depend on its weights. Prints a table, writes JSON and a PNG plot.
+(terraced, w = 64, plus any ``--attention`` options): timing does not depend on its weights. Prints a table,
+writes JSON and a PNG plot.
 """
 
 from __future__ import annotations
@@ -41,11 +43,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def attention_config(options: list[str]):
+    """The linearized model's attention: terraced, w = 64, plus ``key=value`` options (YAML values)."""
+    import yaml
+
+    from lolcats import AttentionConfig
+
+    extra = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"--attention {item!r}: give key=value, e.g. sink_tokens=4")
+        extra[key] = yaml.safe_load(value)
+    return AttentionConfig(**{"variant": "terraced", "window_size": 64, **extra})
+
+
 def worker(kind: str, length: int, batch: int, new_tokens: int, model_ref: str, threads: int,
-           prefill_repeats: int = 3) -> dict:
+           prefill_repeats: int = 3, options: list[str] = ()) -> dict:
     from transformers import DynamicCache
 
-    from lolcats import AttentionConfig, convert_model
+    from lolcats import convert_model
     from lolcats.attention import cache_nbytes
     from lolcats.base_model import load_base
     from lolcats.config import ModelConfig
@@ -55,7 +72,7 @@ def worker(kind: str, length: int, batch: int, new_tokens: int, model_ref: str, 
     model, tokenizer, _ = load_base(ModelConfig(name_or_path=model_ref, device="cpu"))
     if kind == "linearized":
         torch.manual_seed(0)
-        convert_model(model, AttentionConfig(variant="terraced", window_size=64))
+        convert_model(model, attention_config(options))
     ids = build_eval_windows("lolcats:sotu", tokenizer, length, 1).input_ids  # (1, length) real text
     rss_before = rss_mb()
     with torch.no_grad():
@@ -89,14 +106,14 @@ def worker(kind: str, length: int, batch: int, new_tokens: int, model_ref: str, 
     }
 
 
-def prefill_worker(lengths: list[int], model_ref: str, threads: int, repeats: int) -> dict:
+def prefill_worker(lengths: list[int], model_ref: str, threads: int, repeats: int, options: list[str] = ()) -> dict:
     """Prefill seconds of both models in one process, alternating original / linearized at every repeat,
     so machine noise hits both alike. Returns {length: {"original": [s, ...], "linearized": [s, ...]}}."""
     import copy
 
     from transformers import DynamicCache
 
-    from lolcats import AttentionConfig, convert_model
+    from lolcats import convert_model
     from lolcats.base_model import load_base
     from lolcats.config import ModelConfig
     from lolcats.data import build_eval_windows
@@ -105,7 +122,7 @@ def prefill_worker(lengths: list[int], model_ref: str, threads: int, repeats: in
     original, tokenizer, _ = load_base(ModelConfig(name_or_path=model_ref, device="cpu"))
     linearized = copy.deepcopy(original)
     torch.manual_seed(0)
-    convert_model(linearized, AttentionConfig(variant="terraced", window_size=64))
+    convert_model(linearized, attention_config(options))
     out = {}
     with torch.no_grad():
         for length in lengths:
@@ -153,21 +170,23 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill-repeats", type=int, default=5, help="prefill timed this many times (median)")
+    ap.add_argument("--attention", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="options of the linearized model's attention, e.g. sink_tokens=4 decay=true")
     ap.add_argument("--out", default="bench_generate.json")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--prefill-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.prefill_worker:
-        print(json.dumps(prefill_worker(args.lengths, args.model, args.threads, args.prefill_repeats)))
+        print(json.dumps(prefill_worker(args.lengths, args.model, args.threads, args.prefill_repeats, args.attention)))
         return
     if args.worker:
         kind, length, batch = args.worker
         print(json.dumps(worker(kind, int(length), int(batch), args.new_tokens, args.model, args.threads,
-                                args.prefill_repeats)))
+                                args.prefill_repeats, args.attention)))
         return
 
     cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads), "--prefill-repeats",
-           str(args.prefill_repeats), "--lengths", *map(str, args.lengths), "--prefill-worker"]
+           str(args.prefill_repeats), "--lengths", *map(str, args.lengths), "--prefill-worker", "--attention", *args.attention]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
     if proc.returncode != 0:
         sys.exit(f"prefill worker failed:\n{proc.stderr[-2000:]}")
@@ -180,7 +199,7 @@ def main() -> None:
             for kind in ("original", "linearized"):
                 cmd = [sys.executable, __file__, "--model", args.model, "--new-tokens", str(args.new_tokens),
                        "--threads", str(args.threads), "--prefill-repeats", "1",
-                       "--worker", kind, str(length), str(batch)]
+                       "--worker", kind, str(length), str(batch), "--attention", *args.attention]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
                 if proc.returncode != 0:
                     sys.exit(f"worker {kind} {length} {batch} failed:\n{proc.stderr[-2000:]}")
@@ -218,7 +237,8 @@ def main() -> None:
                    "cache_ratio": o["cache_bytes_per_sequence"] / lin["cache_bytes_per_sequence"]}
             ratios.append(row)
             print(f"| {length} | {batch} | {row['decode_speedup']:.2f}× | {row['cache_ratio']:.1f}× |")
-    meta = {"model": args.model, "linearized": "untrained conversion (terraced, w=64) — timing only",
+    meta = {"model": args.model, "attention": args.attention,
+            "linearized": "untrained conversion (terraced, w=64) — timing only",
             "machine": machine(args.threads), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d")}
     with open(args.out, "w") as f:

@@ -34,12 +34,16 @@ def assets(tmp_path_factory) -> Path:
     return root
 
 
-def recipe(assets: Path, out: Path, attention_ce_weight: float = 0.0, **blockwise_cfg) -> Path:
+LONG = {"sink_tokens": 2, "decay": True, "decay_init": 0.9}  # the long-context options, trained block by block too
+
+
+def recipe(assets: Path, out: Path, attention_ce_weight: float = 0.0, long: bool = False, **blockwise_cfg) -> Path:
     """Stage 1 with a constant lr, no clipping, one held-out evaluation at the end (so the kept weights
     are the last ones): the conditions under which blockwise and joint training must agree."""
     r = {"out_dir": str(out), "seed": 0, "threads": 1,
          "model": {"name_or_path": str(assets / "base"), "device": "cpu"},
-         "attention": {"variant": "terraced", "window_size": 8, "feature_dim": 8, "feature_init": "kaiming"},
+         "attention": {"variant": "terraced", "window_size": 8, "feature_dim": 8, "feature_init": "kaiming",
+                       **(LONG if long else {})},
          "data": {"train": str(assets / "train"), "train_filter": "", "eval_in_domain": "heldout",
                   "eval_out_of_domain": str(assets / "train"), "seq_len": 32, "heldout_chunks": 2, "eval_windows": 1},
          "distill": {"max_steps": 5, "grad_accum": 2, "eval_every": 5, "checkpoint_every": 2,
@@ -53,24 +57,27 @@ def recipe(assets: Path, out: Path, attention_ce_weight: float = 0.0, **blockwis
 
 
 @pytest.fixture(scope="module")
-def joint(assets, tmp_path_factory) -> Callable[[float], dict[str, torch.Tensor]]:
-    """Joint stage 1's weights for an attention cross-entropy weight (each trained once per module)."""
-    done: dict[float, dict[str, torch.Tensor]] = {}
+def joint(assets, tmp_path_factory) -> Callable[[float, bool], dict[str, torch.Tensor]]:
+    """Joint stage 1's weights for an attention cross-entropy weight, with or without the long-context
+    options (each trained once per module)."""
+    done: dict[tuple[float, bool], dict[str, torch.Tensor]] = {}
 
-    def weights(attention_ce_weight: float) -> dict[str, torch.Tensor]:
-        if attention_ce_weight not in done:
+    def weights(attention_ce_weight: float, long: bool = False) -> dict[str, torch.Tensor]:
+        if (attention_ce_weight, long) not in done:
             out = tmp_path_factory.mktemp("joint") / "out"
-            linearize(load_config(str(recipe(assets, out, attention_ce_weight))))
-            done[attention_ce_weight] = load_file(str(out / "attention.safetensors"))
-        return done[attention_ce_weight]
+            linearize(load_config(str(recipe(assets, out, attention_ce_weight, long))))
+            done[attention_ce_weight, long] = load_file(str(out / "attention.safetensors"))
+        return done[attention_ce_weight, long]
 
     return weights
 
 
-@pytest.mark.parametrize("k,ce", [(1, 0.0), (2, 0.0), (2, 0.5)], ids=["k1", "k2", "k2-attention-ce"])
-def test_blockwise_stage1_equals_joint_stage1(assets, joint, tmp_path, k, ce):
-    """Blockwise feature maps equal joint stage 1's (atol 1e-5), for k = 1 and k = 2, and with Hedgehog's
-    attention cross-entropy on (weighted 1/L per layer like the MSE).
+@pytest.mark.parametrize("k,ce,long", [(1, 0.0, False), (2, 0.0, False), (2, 0.5, False), (2, 0.0, True)],
+                         ids=["k1", "k2", "k2-attention-ce", "k2-sinks-decay"])
+def test_blockwise_stage1_equals_joint_stage1(assets, joint, tmp_path, k, ce, long):
+    """Blockwise feature maps equal joint stage 1's (atol 1e-5), for k = 1 and k = 2, with Hedgehog's
+    attention cross-entropy on (weighted 1/L per layer like the MSE), and with sink tokens and a trained
+    decay (whose λ is stitched with the maps).
 
     Why they must: in joint stage 1 the teacher's output flows on, so every layer's input is the original
     model's hidden state whatever the feature maps are, and layer l's weights receive the gradient of
@@ -82,15 +89,16 @@ def test_blockwise_stage1_equals_joint_stage1(assets, joint, tmp_path, k, ce):
     last weights). The data order must be the same (chunk order is a function of seed and epoch only), and
     so must the initial weights (each layer's init is seeded by (seed, layer index)).
     """
-    cfg = load_config(str(recipe(assets, tmp_path / "out", ce, block_size=k)))
+    cfg = load_config(str(recipe(assets, tmp_path / "out", ce, long, block_size=k)))
     pre = blockwise.precompute(cfg)
     assert pre.written and not pre.problems
     results = blockwise.train(cfg)
     assert [r["block"] for r in results] == list(range(4 // k))
     assert all(r["steps"] == 5 and r["tokens"] == 5 * 2 * 32 for r in results)  # steps x grad_accum x seq_len
     merged, _ = merge_blocks(cfg)
-    expected = joint(ce)
+    expected = joint(ce, long)
     assert sorted(merged) == sorted(expected)
+    assert any(n.endswith("decay_logit") for n in expected) == long
     for name, t in expected.items():
         torch.testing.assert_close(merged[name], t, atol=1e-5, rtol=0, msg=name)
     # and training moved them away from their (seeded) initial values

@@ -51,7 +51,7 @@ def _eval_ppl(args: argparse.Namespace) -> int:
                          f"linearized ({len(linearized_layers(model))} layers swapped); give the original softmax "
                          "model (the run's base) for the baseline, or drop --window to score this one")
     teacher = load_model_any(args.teacher, trust_remote_code=args.trust_remote_code)[0] if args.teacher else None
-    chunks = build_eval_windows(args.data, tokenizer, args.seq_len, args.windows)
+    chunks = build_eval_windows(args.data, tokenizer, args.seq_len, args.windows, skip=args.skip_windows)
     r = token_metrics(model, chunks, teacher, window=args.window, sinks=sinks)
     label = _window_label(args.window, sinks)
     print(f"perplexity{label} {r['ppl']:.3f} over {len(chunks)} windows of {args.seq_len} tokens of {args.data} "
@@ -66,7 +66,8 @@ def _eval_ppl(args: argparse.Namespace) -> int:
         print(f"| {name} | {b['tokens']} | {b['ppl']:.3f} |{extra}")
     if args.out:
         write_json(args.out, {"model": args.model, "teacher": args.teacher, "data": args.data,
-                              "seq_len": args.seq_len, "windows": len(chunks), "window": args.window,
+                              "seq_len": args.seq_len, "windows": len(chunks), "skip_windows": args.skip_windows,
+                              "window": args.window,
                               "sinks": sinks if args.window is not None else None, **r})
         print(f"results written to {args.out}")
     return 0
@@ -176,6 +177,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="lolcats:moby_dick")
     p.add_argument("--seq-len", type=positive_int, default=1024)
     p.add_argument("--windows", type=positive_int, default=6)
+    p.add_argument("--skip-windows", type=nonneg_int, default=0,
+                   help="start after this many windows (e.g. 2: tune on windows 3-4, judge on 1-2)")
     p.add_argument("--teacher", help="a reference model (e.g. the original): adds KL(teacher‖model) and top-1 agreement")
     p.add_argument("--window", type=positive_int,
                    help="score a softmax model with only a sliding window of this many keys (the window baseline)")
