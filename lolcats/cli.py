@@ -34,6 +34,8 @@ def _blockwise(args: argparse.Namespace) -> int:
     from lolcats.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
+    if args.blockwise_command != "plan":
+        blockwise.check_supported(cfg)
     if args.blockwise_command == "plan":
         p = blockwise.plan(cfg, tokens=args.tokens, model_config=args.model_config, recipe_dir=Path(args.recipe).parent)
         print(blockwise.format_plan(p))

@@ -113,9 +113,10 @@ class DataConfig:
         max_train_chunks: keep only the first this many training chunks (0 = all); the held-out
             chunks stay the last of the whole stream.
         eval_windows: windows of ``eval_seq_len`` tokens per evaluation corpus for the report.
-        eval_seq_len: length of the report's perplexity windows, whatever ``seq_len`` is, so reports of
-            runs trained at different lengths compare (``eval_in_domain: heldout`` keeps the held-out
-            training chunks, of ``seq_len`` tokens).
+        eval_seq_len: length of the report's perplexity windows, whatever ``seq_len`` is (``eval_in_domain:
+            heldout`` keeps the held-out training chunks, of ``seq_len`` tokens).
+        max_position_offset: training chunks start at a position in [0, this], drawn per chunk (0 = at 0), so
+            the feature maps meet the rotary angles of long contexts (:mod:`lolcats.positions`).
         instruction_template: prompt template for Alpaca-format data.
     """
 
@@ -129,6 +130,7 @@ class DataConfig:
     max_train_chunks: int = 0
     eval_windows: int = 6
     eval_seq_len: int = 1024
+    max_position_offset: int = 0
     instruction_template: str = "alpaca"
 
     def __post_init__(self) -> None:
@@ -137,6 +139,7 @@ class DataConfig:
         check_int("data.eval_windows", self.eval_windows)
         check_int("data.eval_seq_len", self.eval_seq_len)
         check_int("data.max_train_chunks", self.max_train_chunks, 0, " (0 = all)")
+        check_int("data.max_position_offset", self.max_position_offset, 0, " (0 = chunks start at position 0)")
         check_choice("data.instruction_template", self.instruction_template, ("alpaca",))
 
 

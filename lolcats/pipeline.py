@@ -35,6 +35,7 @@ from lolcats.eval.perplexity import perplexity
 from lolcats.finetune import add_lora, lora_parameters, run_stage2
 from lolcats.generate import generate_text
 from lolcats.io import append_jsonl, atomic_write_text, sha256_file
+from lolcats.positions import check_position_offset, shifted_positions
 from lolcats.progress import LogProgress, Progress
 from lolcats.report import plot_mse, write_report
 from lolcats.run_dir import REPORT_FILE, STAGES, apply_out_dir_plan, finished_stage, mark_stage_done, plan_out_dir
@@ -119,6 +120,7 @@ class Run:
         resolved, hf_config = base_config(cfg.model)
         self.tokenizer = load_tokenizer(resolved, cfg.model.trust_remote_code)
         d = cfg.data
+        check_position_offset(d, getattr(hf_config, "max_position_embeddings", None))
         self.train, self.heldout = build_train_data(d.train, self.tokenizer, d.seq_len, d.heldout_chunks,
                                                     before=d.train_filter, max_train_chunks=d.max_train_chunks)
         self.reporting = cfg.report.enabled and self.main
@@ -242,6 +244,11 @@ class Run:
             self.record["files"][STAGES[name]] = self.stages[name]["sha256"]
             self._write_record()
 
+    def _shifted(self, train: Callable[[], Any]) -> Any:
+        """Run a stage with its chunks at shifted positions (``data.max_position_offset``)."""
+        with shifted_positions(self.model, self.cfg.data.max_position_offset, self.cfg.seed):
+            return train()
+
     def stage1(self) -> None:
         """Attention transfer: feature maps and window factors learn each layer's softmax output."""
         c = self.cfg
@@ -252,8 +259,9 @@ class Run:
 
         self._stage("stage1", sum(p.numel() for p in trainable_attention_parameters(self.model).values()),
                     c.distill.max_steps,
-                    lambda: run_stage1(self.model, self.train, self.heldout, c.distill, self.state / "stage1", c.seed,
-                                       self.log, self.progress.update),
+                    lambda: self._shifted(lambda: run_stage1(self.model, self.train, self.heldout, c.distill,
+                                                             self.state / "stage1", c.seed, self.log,
+                                                             self.progress.update)),
                     save, lambda: load_attention(self.model, self.out / ATTENTION_FILE))
         self.measure("stage1")
         if self.reporting:
@@ -266,8 +274,9 @@ class Run:
             return
         self.final = peft_model = add_lora(self.model, c.lora, c.seed)
         self._stage("stage2", sum(p.numel() for p in lora_parameters(peft_model).values()), c.lora.max_steps,
-                    lambda: run_stage2(peft_model, self.train, self.heldout, c.lora, self.state / "stage2", c.seed,
-                                       self.log, self.progress.update),
+                    lambda: self._shifted(lambda: run_stage2(peft_model, self.train, self.heldout, c.lora,
+                                                             self.state / "stage2", c.seed, self.log,
+                                                             self.progress.update)),
                     lambda: save_adapter(peft_model, self.out), lambda: load_adapter_weights(peft_model, self.out))
         peft_model.eval()
         self.measure("stage2")

@@ -568,6 +568,26 @@ def _(w):
     return linearize_args(w, "lora.loss=kl", "lora.kl_temperature=0"), None
 
 
+@case("position-offset-negative", "data.max_position_offset=-1 must be a non-negative integer")
+def _(w):
+    return linearize_args(w, "data.max_position_offset=-1"), None
+
+
+@case("position-offset-past-limit", "data.max_position_offset=100000 + data.seq_len=32 is past the model's")
+def _(w):
+    return linearize_args(w, "data.max_position_offset=100000"), None
+
+
+@case("sink-tokens-negative", "attention.sink_tokens=-2 must be a non-negative integer")
+def _(w):
+    return linearize_args(w, "attention.sink_tokens=-2"), None
+
+
+@case("decay-init-one", "attention.decay_init=1.0 must be a number strictly between 0 and 1")
+def _(w):
+    return linearize_args(w, "attention.decay_init=1.0"), None
+
+
 @case("eval-seq-len-zero", "data.eval_seq_len=0 must be a positive integer")
 def _(w):
     return linearize_args(w, "data.eval_seq_len=0"), None
@@ -639,3 +659,4 @@ def test_bad_input(name, build, expect, finished_run, tmp_path, monkeypatch, cap
 def test_case_count():
     """The issue asks for at least 60 distinct cases."""
     assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
+

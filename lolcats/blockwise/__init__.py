@@ -14,11 +14,11 @@ AdamW is per-parameter, so with a constant learning rate, no global-norm clippin
 order its weights follow the joint run's.
 """
 
-from lolcats.blockwise.common import BlockwiseError, block_ranges, disk_bytes
+from lolcats.blockwise.common import BlockwiseError, block_ranges, check_supported, disk_bytes
 from lolcats.blockwise.plan import format_plan, plan
 from lolcats.blockwise.precompute import PrecomputeResult, precompute
 from lolcats.blockwise.stitch import stitch
 from lolcats.blockwise.train import format_summary, train, train_block
 
-__all__ = ["BlockwiseError", "PrecomputeResult", "block_ranges", "disk_bytes", "format_plan", "format_summary",
+__all__ = ["BlockwiseError", "PrecomputeResult", "block_ranges", "check_supported", "disk_bytes", "format_plan", "format_summary",
            "plan", "precompute", "stitch", "train", "train_block"]

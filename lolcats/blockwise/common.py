@@ -47,6 +47,13 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.2f} PB"
 
 
+def check_supported(cfg: LolcatsConfig) -> None:
+    """What block-by-block stage 1 cannot do yet, refused before anything runs."""
+    if cfg.data.max_position_offset:
+        raise ValueError(f"data.max_position_offset={cfg.data.max_position_offset}: block-by-block stage 1 stores hidden "
+                         "states at positions from 0; set data.max_position_offset=0 for blockwise runs")
+
+
 def streaming_model(cfg: LolcatsConfig) -> tuple[StreamingModel, str]:
     path = resolve_model(cfg.model.name_or_path)
     if not Path(path).is_dir():
