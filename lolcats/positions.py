@@ -26,7 +26,7 @@ from lolcats.attention import find_decoder_layers
 
 def check_position_offset(data, limit: int | None) -> None:
     """ValueError naming ``data.max_position_offset`` when shifted chunks would run past the model's positions."""
-    if limit is not None and data.max_position_offset + data.seq_len > limit:
+    if data.max_position_offset and limit is not None and data.max_position_offset + data.seq_len > limit:
         raise ValueError(f"data.max_position_offset={data.max_position_offset} + data.seq_len={data.seq_len} is past "
                          f"the model's {limit} positions; set data.max_position_offset={max(limit - data.seq_len, 0)} "
                          "or lower")

@@ -63,15 +63,19 @@ def test_only_feature_maps_and_window_factors_train(tiny_llama):
 
 
 def test_smollm2_trainable_count_in_readme():
-    """The README's SmolLM2-135M figure, computed from its architecture (no weights needed)."""
+    """The README's SmolLM2-135M figure for the demo recipe's attention, computed from the architecture (no
+    weights needed): the maps, one ω and one decay ρ per head."""
+    from lolcats.config import load_config
+
     config = transformers.LlamaConfig(
         vocab_size=512, hidden_size=576, intermediate_size=64, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, tie_word_embeddings=True)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
-    convert_model(model)
+    convert_model(model, load_config(str(__import__("pathlib").Path(__file__).parents[1] / "recipes/smollm2_135m.yaml"))
+                  .attention)
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert count == 2_211_840 + 270
+    assert count == 2_211_840 + 270 + 270
     readme = (__import__("pathlib").Path(__file__).parents[1] / "README.md").read_text()
     assert f"{count:,}" in readme
 
