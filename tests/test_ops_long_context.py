@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_ops import HKV, B, D, H
+from test_ops import make_inputs as inputs
 
-from lolcats.feature_maps import build_feature_map
 from lolcats.ops import (
     VARIANTS,
     AttentionSpec,
@@ -22,22 +23,8 @@ from lolcats.ops import (
     repeat_kv,
 )
 
-B, H, HKV, D = 2, 4, 2, 16
 LAMBDA = torch.tensor([0.9, 0.97, 0.99, 0.999])  # one decay per head, from strong to weak
 OPTIONS = {"sinks4": (4, False), "decay": (0, True), "sinks4+decay": (4, True)}
-
-
-def inputs(t: int, seed: int = 0, dtype=torch.float32, pad: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, t, D, generator=g, dtype=dtype)
-    k = torch.randn(B, HKV, t, D, generator=g, dtype=dtype)
-    v = torch.randn(B, HKV, t, D, generator=g, dtype=dtype)
-    fmap_q = build_feature_map("hedgehog", H, D, 8, "kaiming").to(dtype)
-    fmap_k = build_feature_map("hedgehog", H, D, 8, "kaiming").to(dtype)
-    gamma = torch.rand(H, generator=g, dtype=dtype) * 0.8 + 0.1
-    valid = torch.ones(B, t, dtype=torch.bool)
-    valid[1, :pad] = False
-    return q, k, v, fmap_q, fmap_k, gamma, valid
 
 
 def option(name: str, variant: str, window: int, chunk: int = 64, dtype=torch.float32):
