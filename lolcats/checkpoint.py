@@ -39,7 +39,8 @@ from lolcats.sources import resolve_model
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 2: format marker, sha256 of every result file, base config sha256; 3: sinks, decay
+FORMAT_VERSION = 4  # 2: format marker, sha256 of every result file, base config sha256; 3: sinks, decay;
+# 4: softmax layers chosen from data (layer_choice.json, attention.skip_layers_chosen), attention.sparse_cache
 FORMAT_MARKER = "lolcats-out-dir"
 CONFIG_FILE = "lolcats_config.json"
 ATTENTION_FILE = "attention.safetensors"
@@ -183,9 +184,22 @@ def check_shapes(path: Path, saved: dict[str, tuple[int, ...]], expected: dict[s
                                   f"{tuple(shape)} in the model")
 
 
-def load_attention(model: nn.Module, path: Path) -> None:
-    """Load :func:`attention_state` tensors; names and shapes must match exactly, values be finite."""
-    saved = read_safetensors(path)
+def chosen_softmax_layers(attn_cfg: AttentionConfig) -> list[int]:
+    """Layers the layer choice restored to softmax after stage 1 (``attention.skip_layers_chosen``): stage 1's
+    weights of them stay in attention.safetensors (one stage-1 result serves any ``softmax_layers``) and are
+    not the model's."""
+    return list(attn_cfg.skip_layers) if attn_cfg.skip_layers_chosen else []
+
+
+def _without_layers(named: dict[str, Any], layers: list[int]) -> dict[str, Any]:
+    prefixes = tuple(f"layers.{i}." for i in layers)
+    return {k: v for k, v in named.items() if not k.startswith(prefixes)}
+
+
+def load_attention(model: nn.Module, path: Path, softmax_layers: list[int] | None = None) -> None:
+    """Load :func:`attention_state` tensors; names and shapes must match exactly, values be finite. Tensors of
+    ``softmax_layers`` (:func:`chosen_softmax_layers`) are left out."""
+    saved = _without_layers(read_safetensors(path), softmax_layers or [])
     current = attention_state(model)
     check_shapes(path, {k: tuple(v.shape) for k, v in saved.items()}, {k: tuple(v.shape) for k, v in current.items()})
     check_finite(saved, path)
@@ -283,7 +297,8 @@ def load(out_dir: str | os.PathLike, base: str | None = None, device: str | None
             f"base model mismatch: {out} was trained on {record['base_model'].get('name_or_path')} but the config of "
             f"{model_cfg.name_or_path} differs (architecture sha256 {config_sha256(hf_config)[:16]}… vs "
             f"{expected_cfg[:16]}…); pass the original base")
-    check_shapes(out / ATTENTION_FILE, safetensors_shapes(out / ATTENTION_FILE),
+    softmax_layers = chosen_softmax_layers(attn_cfg)
+    check_shapes(out / ATTENTION_FILE, _without_layers(safetensors_shapes(out / ATTENTION_FILE), softmax_layers),
                  _meta_attention_shapes(hf_config, attn_cfg, trust_remote_code))
     model, _, _ = load_base(model_cfg)
     expected = record["base_model"]["fingerprint"]
@@ -293,7 +308,7 @@ def load(out_dir: str | os.PathLike, base: str | None = None, device: str | None
             f"base model mismatch: {out} was trained on {record['base_model']['name_or_path']} (fingerprint "
             f"{expected[:16]}…) but {model_cfg.name_or_path} has fingerprint {got[:16]}…; pass the original base")
     convert_model(model, attn_cfg)
-    load_attention(model, out / ATTENTION_FILE)
+    load_attention(model, out / ATTENTION_FILE, softmax_layers)
     if (out / ADAPTER_DIR / "adapter_config.json").exists():
         from peft import PeftModel
 

@@ -88,6 +88,30 @@ def trust_flag(p: argparse.ArgumentParser) -> None:
                         "from a file being loaded)")
 
 
+def model_flags(p: argparse.ArgumentParser) -> None:
+    """``--trust-remote-code`` and ``--sparse-cache G`` for a command that loads a model to run it."""
+    trust_flag(p)
+    p.add_argument("--sparse-cache", type=_number(int, 0), default=None, metavar="G",
+                   help="give every linearized layer a sparse global cache of G key/value pairs per key/value head "
+                        "(0-256; retrieval beyond the window, no training: docs/design.md §1)")
+
+
+def load_for_run(args: argparse.Namespace):
+    """(model, tokenizer) of ``args.model``, with ``--sparse-cache`` applied (refused for a softmax model)."""
+    from lolcats.attention import set_sparse_cache
+    from lolcats.checkpoint import load_model_any
+
+    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
+    size = getattr(args, "sparse_cache", None)
+    if size is not None:
+        if size > 256:
+            raise ValueError(f"--sparse-cache {size} is above 256; give at most 256 pairs per key/value head")
+        if set_sparse_cache(model, size) == 0:
+            raise ValueError(f"--sparse-cache applies to linearized layers, and {args.model} has none; drop "
+                             "--sparse-cache or give a lolcats out_dir")
+    return model, tokenizer
+
+
 def write_json(path: str, record: dict) -> None:
     """Write a result JSON (atomically), creating its folder."""
     from lolcats.io import atomic_write_text

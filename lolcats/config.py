@@ -9,65 +9,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from lolcats.feature_maps import FEATURE_MAPS, INITS
-from lolcats.ops.masks import VARIANTS
+from lolcats.attention_config import AttentionConfig
 from lolcats.report_config import ReportConfig
 from lolcats.schema import check_choice, check_int, check_number, from_dict
 
 __all__ = ["AttentionConfig", "BlockwiseConfig", "DataConfig", "DistillConfig", "LolcatsConfig", "LoopConfig",
            "LoraConfig", "ModelConfig", "ReportConfig", "from_dict", "load_config"]
-
-
-@dataclass
-class AttentionConfig:
-    """How each softmax attention layer is replaced (docs/design.md §1).
-
-    Attributes:
-        variant: ``terraced`` (the original's released default), ``sliding_window`` or ``linear``.
-        window_size: w, keys scored by exact softmax (64 in the paper).
-        feature_map: name in :data:`lolcats.feature_maps.FEATURE_MAPS`.
-        feature_dim: f, width of each Hedgehog half (φ has 2f entries).
-        feature_init: ``kaiming`` (the original's released configs) or ``identity``.
-        window_factor_init: ω₀, the window factor is γ = sigmoid(ω); −2.197 gives γ ≈ 0.1.
-        chunk_size: query chunk of the O(T) form.
-        sink_tokens: s, the first s real tokens of every sequence are scored by exact softmax for every later
-            query ("attention sinks") and never enter the linear state (0 = none).
-        decay: a learnable per-head decay λ = sigmoid(ρ) of the linear part (key j weighs λ^(i−j) for query i).
-        decay_init: λ₀, the initial decay of every head, in (0, 1).
-        skip_layers: decoder-layer indices kept as softmax attention (hybrid models).
-        keep_native_window: keep layers the model already runs with a sliding window as they are.
-    """
-
-    variant: str = "terraced"
-    window_size: int = 64
-    feature_map: str = "hedgehog"
-    feature_dim: int = 64
-    feature_init: str = "kaiming"
-    window_factor_init: float = -2.197
-    chunk_size: int = 64
-    sink_tokens: int = 0
-    decay: bool = False
-    decay_init: float = 0.999
-    skip_layers: list[int] = field(default_factory=list)
-    keep_native_window: bool = False
-
-    def __post_init__(self) -> None:
-        check_choice("attention.variant", self.variant, VARIANTS)
-        check_choice("attention.feature_map", self.feature_map, sorted(FEATURE_MAPS))
-        check_choice("attention.feature_init", self.feature_init, INITS)
-        check_int("attention.window_size", self.window_size)
-        check_int("attention.feature_dim", self.feature_dim)
-        check_int("attention.chunk_size", self.chunk_size)
-        check_int("attention.sink_tokens", self.sink_tokens, 0, " (0 = no sinks)")
-        if not isinstance(self.decay_init, (int, float)) or isinstance(self.decay_init, bool) \
-                or not 0 < self.decay_init < 1:
-            raise ValueError(f"attention.decay_init={self.decay_init!r} must be a number strictly between 0 and 1 "
-                             "(λ₀, e.g. 0.999)")
-        if not math.isfinite(float(self.window_factor_init)):
-            raise ValueError(f"attention.window_factor_init={self.window_factor_init!r} must be finite")
-        for i in self.skip_layers:
-            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-                raise ValueError(f"attention.skip_layers contains {i!r}; give non-negative layer indices")
 
 
 @dataclass

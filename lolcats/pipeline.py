@@ -35,10 +35,19 @@ from lolcats.eval.perplexity import perplexity
 from lolcats.finetune import add_lora, lora_parameters, run_stage2
 from lolcats.generate import generate_text
 from lolcats.io import append_jsonl, atomic_write_text, sha256_file
+from lolcats.layer_choice import check_softmax_layers, linearized_ids, rank_layers, read_choice, restore_softmax, write_choice
 from lolcats.positions import check_position_offset, shifted_positions
 from lolcats.progress import LogProgress, Progress
 from lolcats.report import plot_mse, write_report
-from lolcats.run_dir import REPORT_FILE, STAGES, apply_out_dir_plan, finished_stage, mark_stage_done, plan_out_dir
+from lolcats.run_dir import (
+    LAYER_CHOICE_FILE,
+    REPORT_FILE,
+    STAGES,
+    apply_out_dir_plan,
+    finished_stage,
+    mark_stage_done,
+    plan_out_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +108,7 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
     run.baselines()
     run.convert()
     run.stage1()
+    run.choose_softmax_layers()
     run.stage2()
     run.long_context()
     return run.finish()
@@ -110,6 +120,7 @@ class Run:
     before anything is written, then loads the base and prepares out_dir."""
 
     def __init__(self, cfg: LolcatsConfig, overwrite: bool, progress: Progress | None) -> None:
+        cfg = dataclasses.replace(cfg, attention=cfg.attention.recipe())  # a recorded layer choice is made again
         rank, _ = distributed.init_from_env(pick_device(cfg.model.device).type)
         self.main = rank == 0
         self.progress = (progress if self.main else None) or LogProgress()
@@ -118,6 +129,8 @@ class Run:
         self.out = out = Path(cfg.out_dir).expanduser()
         self.state = out / "train_state"
         resolved, hf_config = base_config(cfg.model)
+        if cfg.attention.softmax_layers and getattr(hf_config, "num_hidden_layers", None):
+            check_softmax_layers(cfg.attention.softmax_layers, hf_config.num_hidden_layers)
         self.tokenizer = load_tokenizer(resolved, cfg.model.trust_remote_code)
         d = cfg.data
         check_position_offset(d, getattr(hf_config, "max_position_embeddings", None))
@@ -147,6 +160,11 @@ class Run:
                            "model_type": self.model.config.model_type, "note": self.source_note},
             "versions": versions(), "files": files,
         }
+        self.choice: dict[str, Any] | None = None  # the layer choice (attention.softmax_layers), once made
+        if cfg.attention.softmax_layers and not cfg.attention.skip_layers:
+            self.choice = self._read_choice(cfg)  # a resumed run's choice stays in its record
+            if self.choice is not None:
+                self.record["config"]["attention"] = dataclasses.asdict(cfg.attention.with_chosen(self.choice["chosen"]))
         self._write_record()
         self.log = _Metrics(out / "metrics.jsonl") if self.main else (lambda record: None)
         self.cached = _Cached(self.state / "evals.json")
@@ -218,7 +236,10 @@ class Run:
 
     def convert(self) -> None:
         """Swap every attention layer (per-layer seeded feature maps) and measure the untrained conversion."""
-        convert_model(self.model, self.cfg.attention, seed=self.cfg.seed)
+        a = self.cfg.attention
+        convert_model(self.model, a, seed=self.cfg.seed)
+        if a.softmax_layers and not a.skip_layers:  # native-window layers kept as they are do not count
+            check_softmax_layers(a.softmax_layers, len(linearized_ids(self.model)), "linearized layers")
         self.measure("converted")
         if self.reporting:
             self.mse_before = self.cached.get("mse_before", lambda: heldout_attention_mse(self.model, self.heldout))
@@ -267,6 +288,49 @@ class Run:
         if self.reporting:
             self.mse_after = self.cached.get("mse_after", lambda: heldout_attention_mse(self.model, self.heldout))
 
+    def _read_choice(self, cfg: LolcatsConfig) -> dict[str, Any] | None:
+        """``layer_choice.json`` (None when there is none), made for this run's ``softmax_layers`` and criterion."""
+        path, a = self.out / LAYER_CHOICE_FILE, cfg.attention
+        choice = read_choice(path)
+        if choice is not None and (choice.get("softmax_layers"), choice.get("criterion"), len(set(choice["chosen"]))) \
+                != (a.softmax_layers, a.softmax_criterion, a.softmax_layers):
+            raise ValueError(f"{path} chose layers {choice['chosen']} by {choice.get('criterion')!r} for softmax_layers="
+                             f"{choice.get('softmax_layers')}, not for this run's; delete it to choose again")
+        return choice
+
+    def choose_softmax_layers(self) -> None:
+        """With ``attention.softmax_layers: N``, rank the linearized layers by both criteria of
+        :mod:`lolcats.layer_choice` on the held-out chunks (once: ``layer_choice.json``; a resumed run reads it),
+        restore the N that ``attention.softmax_criterion`` ranks first to softmax for stage 2 and everything
+        after, and record them in the run's config as a derived ``skip_layers`` (``skip_layers_chosen``), so
+        ``load`` rebuilds the same model. ``skip_layers`` given by hand wins: nothing is measured."""
+        a = self.cfg.attention
+        if not a.softmax_layers:
+            return
+        if a.skip_layers:
+            logger.warning("attention.skip_layers=%s given by hand wins over attention.softmax_layers=%d; no layer "
+                           "choice is measured", a.skip_layers, a.softmax_layers)
+            self.choice = {"by_hand": list(a.skip_layers), "softmax_layers": a.softmax_layers}
+            return
+        path = self.out / LAYER_CHOICE_FILE
+        if self.choice is None:
+            if self.main:
+                write_choice(path, rank_layers(self.model, self.heldout, a.softmax_layers, a.softmax_criterion,
+                                               self.progress))
+            distributed.barrier()
+            self.choice = self._read_choice(self.cfg)
+        chosen = self.choice["chosen"]
+        if not set(chosen) <= set(linearized_ids(self.model)):
+            raise ValueError(f"{path} chose layers {chosen}, not all of them linearized in this run; delete it to "
+                             "choose again")
+        restore_softmax(self.model, chosen)
+        self.cfg = dataclasses.replace(self.cfg, attention=a.with_chosen(chosen))
+        self.record["config"]["attention"] = dataclasses.asdict(self.cfg.attention)
+        if self.main:
+            self.record["files"][LAYER_CHOICE_FILE] = sha256_file(path)
+        self._write_record()
+        self.measure("softmax_layers")
+
     def stage2(self) -> None:
         """LoRA repair with ``lora.loss`` (next-token or KL from the original; skipped when ``lora.max_steps`` is 0)."""
         c = self.cfg
@@ -302,7 +366,7 @@ class Run:
                 "out_of_domain_desc": (f"{d.eval_out_of_domain}, first {d.eval_windows} windows of {d.eval_seq_len} "
                                        "tokens"),
                 "evals": self.evals, "mse_before": self.mse_before, "mse_after": self.mse_after,
-                "stages": self.stages, "samples": samples,
+                "stages": self.stages, "samples": samples, "layer_choice": self.choice,
             })
         self.record.update(status="complete", stages=self.stages, evals=self.evals)
         self._write_record()

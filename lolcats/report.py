@@ -17,6 +17,7 @@ ROWS = [
     ("window_sinks", "sliding window + attention sinks"),
     ("converted", "converted, before training"),
     ("stage1", "after stage 1 (attention transfer)"),
+    ("softmax_layers", "after stage 1, chosen layers back to softmax"),
     ("stage2", "after stage 2 (LoRA)"),
 ]
 
@@ -80,6 +81,37 @@ def plot_mse(before: list[float], after: list[float] | None, path: Path) -> None
     tmp.replace(path)
 
 
+def layer_choice_section(choice: dict[str, Any]) -> list[str]:
+    """report.md's "Softmax layers" section: the layers kept as softmax and, when measured, both rankings
+    (:func:`lolcats.layer_choice.rank_layers`)."""
+    n = choice["softmax_layers"]
+    parts = [f"## Softmax layers (attention.softmax_layers = {n})", ""]
+    if "by_hand" in choice:
+        layers = ", ".join(map(str, choice["by_hand"]))
+        return parts + [f"`attention.skip_layers` given by hand wins over `attention.softmax_layers`: layers {layers} "
+                        "stay softmax as the recipe says; no ranking was measured.", ""]
+    crit = choice["criterion"]
+    ranks = {name: {layer: r + 1 for r, layer in enumerate(order)} for name, order in choice["ranking"].items()}
+    top = choice["kl_top_restored"]
+    parts += [
+        f"{'Layers' if n > 1 else 'Layer'} **{', '.join(map(str, choice['chosen']))}** {'run' if n > 1 else 'runs'} as "
+        f"softmax attention from stage 2 on, the top {n} by "
+        f"`{crit}` (`attention.softmax_criterion`). Both criteria are measured after stage 1 on the {choice['chunks']} "
+        f"held-out chunks ({choice['tokens']:,} tokens): **KL drop**, KL(original ‖ stage-1 model) minus the same KL "
+        "with the layer alone restored to softmax; **output error**, the layer's teacher-forced attention error "
+        "through o_proj relative to the residual stream entering it, Σ‖o_proj(y_lin − y_softmax)‖² / Σ‖h‖².", "",
+        f"KL(original ‖ stage-1 model) = {choice['kl_linearized']:.4g} nats/token; with the top {n} restored together: "
+        f"{top['kl_drop']:.4g} by KL drop, {top['output_error']:.4g} by output error.", "",
+        "| layer | KL with it restored | KL drop | rank | attention MSE | output error / residual | rank | softmax |",
+        "|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for row in choice["layers"]:
+        i = row["layer"]
+        parts.append(f"| {i} | {row['kl_restored']:.4g} | {row['kl_drop']:.4g} | {ranks['kl_drop'][i]} | "
+                     f"{row['attention_mse']:.4g} | {row['output_error']:.4g} | {ranks['output_error'][i]} | "
+                     f"{'yes' if i in choice['chosen'] else ''} |")
+    return parts + [""]
+
+
 def _fmt_seconds(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
 
@@ -120,6 +152,8 @@ def write_report(path: Path, info: dict[str, Any]) -> str:
             a = f"{mse_after[i]:.4g}" if mse_after else ""
             parts.append(f"| {i} | {b:.4g} | {a} |")
         parts.append("")
+    if info.get("layer_choice"):
+        parts += layer_choice_section(info["layer_choice"])
     parts += ["## Training", "", "| stage | trainable parameters | optimizer steps | tokens | wall time |",
               "|---|---:|---:|---:|---:|"]
     for name, s in info["stages"].items():

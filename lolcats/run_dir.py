@@ -7,6 +7,7 @@ the pipeline calls once the recipe, the data and the base model have all been ch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -30,14 +31,18 @@ from lolcats.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 REPORT_FILE = "report.md"
+LAYER_CHOICE_FILE = "layer_choice.json"  # the softmax-layer ranking (attention.softmax_layers), see lolcats.layer_choice
 STAGES = {"stage1": ATTENTION_FILE, "stage2": ADAPTER_WEIGHTS}  # each stage's result file
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     """The config a resumed run must share; the base itself is compared by fingerprint, not by name. Keys a
-    later lolcats added are filled with their defaults, which keep the older behaviour."""
+    later lolcats added are filled with their defaults, which keep the older behaviour; softmax layers the layer
+    choice derived after stage 1 (``attention.skip_layers_chosen``) are not part of it: the recipe gave only
+    ``attention.softmax_layers``."""
     try:
-        cfg = LolcatsConfig.from_dict(cfg).to_dict()
+        c = LolcatsConfig.from_dict(cfg)
+        cfg = dataclasses.replace(c, attention=c.attention.recipe()).to_dict()
     except (ValueError, TypeError):
         pass  # compared as written: it differs from any valid config
     out = {k: v for k, v in cfg.items() if k not in ("out_dir", "threads", "report")}
@@ -45,11 +50,11 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-RESUMABLE = (2, FORMAT_VERSION)  # format 2 lacks only options added since, whose defaults keep its behaviour
+RESUMABLE = (2, 3, FORMAT_VERSION)  # formats 2 and 3 lack only options added since, whose defaults keep their behaviour
 
 # what a run writes into its out_dir; a run that never finished a training step may be started again
 # with another config, and these are what is removed then
-RUN_FILES = ("train_state", "metrics.jsonl", REPORT_FILE, "attention_mse.png", CONFIG_FILE)
+RUN_FILES = ("train_state", "metrics.jsonl", REPORT_FILE, "attention_mse.png", LAYER_CHOICE_FILE, CONFIG_FILE)
 
 
 def _protected(path: Path) -> str | None:

@@ -54,7 +54,8 @@ def configs(budget: str) -> dict[str, list[str]]:
         "position offsets": steps + offsets,
         "sinks + offsets": steps + sinks + offsets,
         f"sinks + offsets + decay λ₀={DECAY}": steps + sinks + offsets + decay,
-        f"all four (λ₀={DECAY})": long + sinks + decay + ["lora.loss=kl"],
+        f"all: sinks + offsets + decay λ₀={DECAY} + 2,048-token chunks + KL": long + sinks + decay + ["lora.loss=kl",
+                                                                                   "data.max_position_offset=6144"],
     }
 
 
@@ -175,10 +176,20 @@ def main() -> None:
                   "| λ₀ | " + " | ".join(BUCKETS) + " | 4k–8k vs original |", "|---|" + "---:|" * (len(BUCKETS) + 1)]
         lines += [row(f"{lam}", r, ref).replace("| – | – ", "") for lam, r in sweep.items()]
     print("\n".join(lines))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"budget": args.budget, "configs": configs(args.budget), "results": results,
-                                           "decay_sweep": {str(k): v for k, v in sweep.items()},
-                                           "train_seconds": seconds, "date": time.strftime("%Y-%m-%d")}, indent=1))
+    out = {"budget": args.budget, "configs": configs(args.budget), "results": results,
+           "decay_sweep": {str(k): v for k, v in sweep.items()}, "train_seconds": seconds,
+           "date": time.strftime("%Y-%m-%d")}
+    path = Path(args.json)
+    if args.only and path.exists():  # a partial run adds its configurations to the earlier ones
+        old = json.loads(path.read_text())
+        if old.get("budget") == args.budget:
+            old["results"].update(results)
+            old["train_seconds"].update(seconds)
+            old["decay_sweep"] = old.get("decay_sweep") or out["decay_sweep"]
+            old["configs"], old["date"] = out["configs"], out["date"]
+            out = old
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def test_passkey_cli_on_a_linearized_out_dir(finished, tmp_path, capsys):
     _, root = finished
     out = tmp_path / "pk"
     rc = main(["eval", "passkey", str(root / "out"), "--lengths", "128", "200", "--depths", "0", "1",
-               "--trials", "1", "--out", str(out)])
+               "--trials", "1", "--final-window", "0", "--out", str(out)])
     assert rc == 0
     record = json.loads((out / "passkey.json").read_text())
     assert len(record["grid"]) == 2 and all(len(r) == 2 for r in record["grid"])

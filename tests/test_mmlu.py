@@ -66,7 +66,7 @@ def _scores(result):
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sliding_window", "terraced", "linear", "terraced+sinks+decay",
-                                  "linear+sinks+decay"])
+                                  "linear+sinks+decay", "terraced+sinks+decay+sparse"])
 @pytest.mark.parametrize("shots", [5, 0])
 def test_cached_batched_equals_uncached(tmp_path, tokenizer, kind, shots):
     """The subject prefix run once and read by every batch (KV cache in place, recurrent state shared),
@@ -78,6 +78,7 @@ def test_cached_batched_equals_uncached(tmp_path, tokenizer, kind, shots):
     model = build_tiny("llama", vocab_size=len(tokenizer))
     if kind != "softmax":
         options = {"sink_tokens": 3, "decay": True, "decay_init": 0.95} if "+sinks+decay" in kind else {}
+        options.update({"sparse_cache": 3} if "+sparse" in kind else {})
         convert_model(model, AttentionConfig(variant=kind.split("+")[0], window_size=8, chunk_size=8,
                                              window_factor_init=0.0, **options))
     seen = []  # token counts the last layer's MLP ran on

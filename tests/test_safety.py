@@ -225,4 +225,4 @@ def test_format_2_out_dir_loads_and_resumes(run_copy, capsys):
     attention = (out / ATT).read_bytes()
     assert main(["linearize", str(run_copy / "recipe.yaml")]) == 0, capsys.readouterr().err
     assert (out / ATT).read_bytes() == attention
-    assert json.loads((out / "lolcats_config.json").read_text())["format_version"] == 3
+    assert json.loads((out / "lolcats_config.json").read_text())["format_version"] == 4

@@ -1,7 +1,7 @@
 """Swapped attention modules, their decode cache, and where a model keeps its attention layers."""
 
 from lolcats.attention.cache import LolcatsCacheLayer, cache_nbytes, layer_state
-from lolcats.attention.hybrid import LolcatsAttention, token_validity
+from lolcats.attention.hybrid import LolcatsAttention, set_sparse_cache, token_validity
 from lolcats.attention.layers import LolcatsCache, find_decoder_layers
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "cache_nbytes",
     "find_decoder_layers",
     "layer_state",
+    "set_sparse_cache",
     "token_validity",
 ]

@@ -12,6 +12,7 @@ from lolcats.config import AttentionConfig
 from lolcats.feature_maps import build_feature_map
 from lolcats.models import Family, rotary_function
 from lolcats.ops import AttentionSpec, decode_step, extend_state, hybrid_attention_chunked, prefill_state, repeat_kv
+from lolcats.ops.sparse import empty_sparse_state, sparse_extend
 
 
 def token_validity(attention_mask: Tensor | None, q_len: int) -> Tensor | None:
@@ -40,6 +41,8 @@ class LolcatsAttention(nn.Module):
     per-head window factor γ = sigmoid(ω) and, with ``attention.decay``, a per-head decay λ = sigmoid(ρ) of the
     linear part. Without a cache it attends in parallel; with one, a prompt is
     summarised into a decode state (prefill), which later tokens extend, several at once or one by one.
+    With ``attention.sparse_cache`` (an inference-time setting, :func:`set_sparse_cache`) every form runs
+    chunk by chunk with a sparse global cache (:mod:`lolcats.ops.sparse`).
     """
 
     def __init__(self, base: nn.Module, family: Family, config: AttentionConfig, layer_idx: int,
@@ -57,7 +60,7 @@ class LolcatsAttention(nn.Module):
         self.hf_config = getattr(base, "config", None)
         self._rotary = rotary_function(base)
         self.spec = AttentionSpec(config.variant, config.window_size, self.scaling, config.chunk_size,
-                                  sinks=config.sink_tokens)
+                                  sinks=config.sink_tokens, sparse=config.sparse_cache)
         # trainable weights live beside the base weights, in float32 or wider
         ref = next(base.parameters())
         device, dtype = ref.device, torch.promote_types(ref.dtype, torch.float32)
@@ -78,7 +81,8 @@ class LolcatsAttention(nn.Module):
     def extra_repr(self) -> str:
         c = self.attn_config
         return (f"layer={self.layer_idx}, variant={c.variant}, window={c.window_size}, sinks={c.sink_tokens}, "
-                f"decay={c.decay}, feature_map={c.feature_map}, heads={self.num_heads}/{self.num_kv_heads}")
+                f"decay={c.decay}, sparse_cache={self.spec.sparse}, feature_map={c.feature_map}, "
+                f"heads={self.num_heads}/{self.num_kv_heads}")
 
     def qkv(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """q (B, H, T, D), k and v (B, Hkv, T, D), after q/k norm and rotary, as the original computes them."""
@@ -134,12 +138,26 @@ class LolcatsAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
         """Parallel O(T) form over a whole sequence: (B, H, T, D) -> (B, H, T, D)."""
+        if self.spec.sparse:
+            return self.attend_sparse(None, q, k, v, valid)[0]
         return self._parallel(q, k, v, valid)[0]
+
+    def attend_sparse(self, state: object, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> tuple[Tensor, object]:
+        """T tokens on a sparse-cache state (a new one when ``state`` is None): ``(y, new_state)``."""
+        if state is None:
+            state = empty_sparse_state(q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, v.shape[-1],
+                                       self.feature_map_k.out_dim, self.spec, dtype=k.dtype, device=q.device)
+        y, state = sparse_extend(state, q, k, v, self.feature_map_q(q), self.gamma(), self.feature_k, self.spec,
+                                 valid, log_decay=self.log_decay())
+        return y.to(q.dtype), state
 
     def attend_cached(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
                       cache: LolcatsCacheLayer) -> Tensor:
         """Attend with a decode state and advance it: a prompt runs in parallel and is summarised (prefill);
         later tokens extend the state, several at once in chunked form or one by one (decode)."""
+        if self.spec.sparse:
+            y, cache.state = self.attend_sparse(cache.state, q, k, v, valid)
+            return y
         if cache.state is None:
             y, fk, totals = self._parallel(q, k, v, valid)
             cache.state = prefill_state(k, v, fk, self.spec, valid, totals=totals, log_decay=self.log_decay())
@@ -152,3 +170,17 @@ class LolcatsAttention(nn.Module):
         y, cache.state = decode_step(cache.state, q, k, v, fq, self.gamma(), self.feature_k, self.spec,
                                      None if valid is None else valid[:, 0], log_decay=self.log_decay())
         return y
+
+
+def set_sparse_cache(model: nn.Module, size: int) -> int:
+    """Give every linearized layer of ``model`` a sparse global cache of ``size`` pairs per key/value head (0
+    removes it): an inference-time setting, no weights change. Returns the number of layers set."""
+    from dataclasses import replace
+
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= 256:
+        raise ValueError(f"sparse cache size {size!r} must be an integer from 0 to 256 (0 = none)")
+    layers = [m for m in model.modules() if isinstance(m, LolcatsAttention)]
+    for layer in layers:
+        layer.attn_config = replace(layer.attn_config, sparse_cache=size)
+        layer.spec = replace(layer.spec, sparse=size)
+    return len(layers)

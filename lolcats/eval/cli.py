@@ -7,7 +7,16 @@ import argparse
 import contextlib
 from collections.abc import Callable, Iterator
 
-from lolcats.cli_common import TqdmProgress, nonneg_int, positive_float, positive_int, trust_flag, unit_float, write_json
+from lolcats.cli_common import (
+    TqdmProgress,
+    load_for_run,
+    model_flags,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    unit_float,
+    write_json,
+)
 
 
 @contextlib.contextmanager
@@ -45,7 +54,7 @@ def _eval_ppl(args: argparse.Namespace) -> int:
         raise ValueError(f"--sinks {args.sinks} needs --window: sinks are kept beside a window of recent tokens; "
                          "add --window W (e.g. --window 64)")
     sinks = args.sinks or 0
-    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_for_run(args)
     if args.window is not None and linearized_layers(model):
         raise ValueError(f"--window scores a softmax model with only a window of recent tokens, but {args.model} is "
                          f"linearized ({len(linearized_layers(model))} layers swapped); give the original softmax "
@@ -76,7 +85,6 @@ def _eval_ppl(args: argparse.Namespace) -> int:
 def _eval_mmlu(args: argparse.Namespace) -> int:
 
     from lolcats.base_model import cast_base, fingerprint
-    from lolcats.checkpoint import load_model_any
     from lolcats.convert import linearized_layers
     from lolcats.eval.mmlu import evaluate_mmlu, summary_table
     from lolcats.eval.mmlu_data import load_mmlu
@@ -84,7 +92,7 @@ def _eval_mmlu(args: argparse.Namespace) -> int:
     if not 0 <= args.shots <= 5:
         raise ValueError(f"--shots must be between 0 and 5, got {args.shots}")
     data = load_mmlu(args.data).select(args.subjects, args.limit)
-    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_for_run(args)
     cast_base(model, args.dtype)
     total = sum(len(v) for v in data.test.values())
     with _counting(TqdmProgress(), "mmlu", total, "question") as advance:
@@ -104,32 +112,46 @@ def _eval_mmlu(args: argparse.Namespace) -> int:
 def _eval_passkey(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lolcats.checkpoint import load_model_any
-    from lolcats.eval.passkey import heatmap, passkey_accuracy, table
+    from lolcats.eval import needles, passkey
+    from lolcats.generate import position_limit
 
-    if args.trials < 1:
-        raise ValueError(f"--trials must be at least 1, got {args.trials}")
-    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
-    total = len(args.lengths) * len(args.depths) * args.trials
-    with _counting(TqdmProgress(), "passkey", total, "prompt") as advance:
-        result = passkey_accuracy(model, tokenizer, args.lengths, args.depths, args.trials, args.seed,
-                                  progress=advance)
-    print(table(result))
-    print(f"overall accuracy {100 * result['accuracy']:.1f}% over {len(result['runs'])} prompts")
-    out = Path(args.out)
-    write_json(str(out / "passkey.json"), {"model": args.model, **result})
-    heatmap(result, out / "passkey.png", title=f"passkey retrieval: {args.model}")
-    print(f"results written to {out / 'passkey.json'} and {out / 'passkey.png'}")
+    multi = args.task == "multi-needle"
+    if not multi and (args.needles is not None or args.data is not None):
+        raise ValueError("--needles and --data set up the multi-needle task; add --task multi-needle or drop them")
+    if multi and args.needles is not None and args.depths is not None and args.needles != len(args.depths):
+        raise ValueError(f"--needles {args.needles} but {len(args.depths)} --depths: a needle goes at each depth; "
+                         "give one of the two")
+    model, tokenizer = load_for_run(args)
+    lengths = args.lengths or passkey.default_lengths(position_limit(model))
+    if multi:
+        depths = args.depths or needles.needle_depths(args.needles or needles.NEEDLES)
+        trials = args.trials or 3
+    else:
+        depths, trials = args.depths or list(passkey.DEPTHS), args.trials or 2
+    with _counting(TqdmProgress(), args.task, len(lengths) * len(depths) * trials, "prompt") as advance:
+        if multi:
+            result = needles.multi_needle_accuracy(model, tokenizer, lengths, depths, trials, args.seed,
+                                                   args.data or needles.DATA, advance, args.final_window)
+        else:
+            result = passkey.passkey_accuracy(model, tokenizer, lengths, depths, trials, args.seed, advance,
+                                              args.final_window)
+    print(passkey.table(result))
+    per_length = len(depths) * trials
+    print(f"overall accuracy {100 * result['accuracy']:.1f}% over {len(result['runs'])} prompts ({per_length} per "
+          f"length{', fewer than 10' if per_length < 10 else ''}); cache bytes: one sequence after the prompt")
+    out, name = Path(args.out), args.task.replace("-", "_")
+    write_json(str(out / f"{name}.json"), {"model": args.model, "seed": args.seed, **result})
+    passkey.heatmap(result, out / f"{name}.png", title=f"{args.task} retrieval: {args.model}")
+    print(f"results written to {out / f'{name}.json'} and {out / f'{name}.png'}")
     return 0
 
 
 def _eval_harness(args: argparse.Namespace) -> int:
 
-    from lolcats.checkpoint import load_model_any
     from lolcats.eval.lm_eval import run_harness, table
 
     tasks = [t for part in args.tasks for t in part.split(",") if t]
-    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_for_run(args)
     result = run_harness(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                          batch_size=args.batch_size, include_path=args.include_path)
     print(table(result))
@@ -142,12 +164,11 @@ def _eval_harness(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    from lolcats.checkpoint import load_model_any
     from lolcats.generate import generate_text
 
     if not args.prompt or not args.prompt.strip():
         raise ValueError("the prompt is empty; pass some text with --prompt")
-    model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_for_run(args)
     streamer = TextStreamer(tokenizer, skip_prompt=True) if args.stream else None
     text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, do_sample=args.sample,
                          temperature=args.temperature, top_p=args.top_p, streamer=streamer,
@@ -168,7 +189,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=positive_float, default=1.0)
     p.add_argument("--top-p", type=unit_float, default=1.0)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    trust_flag(p)
+    model_flags(p)
     p.set_defaults(func=_generate)
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_command", required=True)
@@ -185,7 +206,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sinks", type=nonneg_int,
                    help="with --window: each query also sees the first this many tokens (attention sinks)")
     p.add_argument("--out", help="write the result JSON here")
-    trust_flag(p)
+    model_flags(p)
     p.set_defaults(func=_eval_ppl)
 
     p = ev.add_parser("mmlu", help="few-shot MMLU (cached subject prefixes, batched questions)")
@@ -201,18 +222,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="base weights' dtype (bfloat16 is several times faster on CPUs with AMX)")
     p.add_argument("--out", help="write the result JSON here")
-    trust_flag(p)
+    model_flags(p)
     p.set_defaults(func=_eval_mmlu)
 
-    p = ev.add_parser("passkey", help="long-context retrieval of a number hidden in filler text")
+    p = ev.add_parser("passkey", help="long-context retrieval: a number hidden in filler text (or several in a book)")
     p.add_argument("model", help="an out_dir, an exported folder, an HF folder or id, or a .gguf file")
-    p.add_argument("--lengths", type=positive_int, nargs="+", default=[512, 1024, 2048, 4096], help="prompt tokens")
-    p.add_argument("--depths", type=unit_float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
-                   help="fraction of the filler before the needle")
-    p.add_argument("--trials", type=positive_int, default=2, help="random keys per (length, depth)")
+    p.add_argument("--task", choices=["passkey", "multi-needle"], default="passkey",
+                   help="passkey: one key in repeated filler; multi-needle: several word-number pairs in natural "
+                        "text, one asked for")
+    p.add_argument("--lengths", type=positive_int, nargs="+",
+                   help="prompt tokens (default 1024 2048 4096 8000, those below the model's position limit)")
+    p.add_argument("--depths", type=unit_float, nargs="+",
+                   help="needle depths, fractions of the text before the final window (default 0.1 0.3 0.5 0.7 "
+                        "0.9; multi-needle: a needle at each, default --needles spread over 0.1-0.9)")
+    p.add_argument("--needles", type=positive_int, help="multi-needle: pairs per prompt (default 4)")
+    p.add_argument("--trials", type=positive_int,
+                   help="prompts per (length, depth) (default 2 for passkey, 3 for multi-needle)")
+    p.add_argument("--final-window", type=nonneg_int, default=128,
+                   help="the prompt's last tokens, where no needle goes (at least the model's softmax window)")
+    p.add_argument("--data", help="multi-needle: the text the needles hide in (default lolcats:moby_dick)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="passkey", help="folder for passkey.json and passkey.png")
-    trust_flag(p)
+    p.add_argument("--out", default="passkey", help="folder for passkey.json / multi_needle.json and a heat map")
+    model_flags(p)
     p.set_defaults(func=_eval_passkey)
 
     p = ev.add_parser("harness", help="lm-eval harness tasks on the (linearized) model (extra `eval`)")
@@ -223,5 +254,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--include-path", help="a folder of extra task YAMLs (local data)")
     p.add_argument("--out", help="write the result JSON here")
-    trust_flag(p)
+    model_flags(p)
     p.set_defaults(func=_eval_harness)

@@ -143,6 +143,8 @@ class SharedPrefixState(LolcatsCacheLayer):
         """q (B, H, T, D), k and v (B, Hkv, T, D) of the rows' own tokens -> (B, H, T, D): a dense pass when
         no row is padded and T is short, else the chunked one."""
         fq, gamma = attn.feature_map_q(q), attn.gamma()
+        if attn.spec.sparse:  # the sparse forms are functional: the prefix state is not advanced
+            return attn.attend_sparse(self.state.broadcast(q.shape[0]), q, k, v, valid)[0]
         if valid is None and q.shape[2] <= DENSE_MAX_TOKENS and self.state.started():
             return attend_on_state(self.state, q, k, v, fq, gamma, attn.feature_k, attn.spec,
                                    log_decay=attn.log_decay()).to(q.dtype)

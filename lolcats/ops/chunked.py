@@ -114,6 +114,8 @@ def hybrid_attention_chunked(
         (B, H, F) over every real non-sink key of the pass (``initial`` not included), so a prefill needs no
         second pass over the keys.
     """
+    if spec.sparse:
+        raise ValueError("hybrid_attention_chunked has no sparse cache; use lolcats.ops.sparse_attention")
     b, h, t, _ = q.shape
     dv = v.shape[-1]
     groups = h // k.shape[1]

@@ -113,3 +113,72 @@ def hybrid_attention_weights(
     scores, lin_weights, g = _scores_and_weights(q, k, fq, fk, gamma, spec, valid, log_decay)
     eye = torch.eye(q.shape[2], dtype=q.dtype, device=q.device).expand(*q.shape[:2], -1, -1)
     return combine(scores, lin_weights, eye, g)
+
+
+def sparse_reference(
+    q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, gamma: Tensor, spec: AttentionSpec,
+    valid: Tensor | None = None, log_decay: Tensor | None = None,
+) -> Tensor:
+    """Hybrid attention with a sparse cache of ``spec.sparse`` pairs (:mod:`lolcats.ops.sparse`) by its
+    definition: token by token, one row and one key/value head at a time, with explicit sets of token indices.
+    Slow; the definition the sparse forms are tested against. Same arguments as
+    :func:`hybrid_attention_reference`; outputs at padding queries are zeros."""
+    b, h, t, _ = q.shape
+    hkv = k.shape[1]
+    groups, size, chunk = h // hkv, spec.sparse, spec.chunk_size
+    first = first_real_index(valid, b, q.device).tolist()
+    real = torch.ones(b, t, dtype=torch.bool) if valid is None else valid.cpu()
+    lam = torch.ones(h, dtype=q.dtype) if log_decay is None else log_decay.to(q.dtype).exp()
+    rows = []
+    for row in range(b):
+        def pos(j: int, row: int = row) -> int:
+            return j - first[row]
+
+        def in_window(i: int, j: int) -> bool:
+            return bool(spec.shape.window(torch.tensor(pos(i)), torch.tensor(pos(j))))
+
+        sinks = [j for j in range(t) if real[row, j] and 0 <= pos(j) < spec.sinks]
+        outs = [None] * h
+        for g in range(hkv):
+            heads = range(g * groups, (g + 1) * groups)
+            cache: list[tuple[float, int]] = []  # (score when stored, token index)
+            evicted: list[int] = []  # in the linear state
+            decided: set[int] = set()
+            ys: dict[int, list[Tensor]] = {hh: [] for hh in heads}
+            for i in range(t):
+                if i % chunk == 0 and i > 0:
+                    leaving = [j for j in range(i) if real[row, j] and j not in sinks and j not in decided
+                               and not in_window(i - 1, j)]
+                    if leaving:
+                        errors = torch.zeros(len(leaving), dtype=q.dtype)
+                        for hh in heads:
+                            ages = torch.tensor([i - 1 - e for e in evicted], dtype=q.dtype)
+                            w = lam[hh] ** ages
+                            s_h = (fk[row, hh, evicted] * w[:, None]).T @ v[row, g, evicted]  # (F, Dv)
+                            z_h = (fk[row, hh, evicted] * w[:, None]).sum(0)
+                            for n, j in enumerate(leaving):
+                                den = z_h @ fk[row, hh, j]
+                                read = fk[row, hh, j] @ s_h / den if den > 0 else torch.zeros_like(v[row, g, j])
+                                errors[n] += (v[row, g, j] - read).norm().detach() / groups
+                        pool = cache + [(float(e), j) for e, j in zip(errors, leaving, strict=True)]
+                        pool.sort(key=lambda sj: (-sj[0], sj[1]))
+                        cache, evicted = pool[:size], evicted + [j for _, j in pool[size:]]
+                        decided |= set(leaving)
+                exact = [j for j in sinks if pos(j) <= pos(i)] + [j for _, j in cache]
+                exact += [j for j in range(i + 1) if real[row, j] and j not in sinks and j not in decided]
+                for hh in heads:
+                    num = torch.zeros_like(v[row, g, 0])
+                    den = torch.zeros((), dtype=q.dtype)
+                    if exact and real[row, i]:
+                        s = (k[row, g, exact] @ q[row, hh, i]) * spec.scale
+                        a = gamma[hh].to(q.dtype) * torch.exp(s - s.max())
+                        num, den = a @ v[row, g, exact], a.sum()
+                    if evicted and real[row, i]:
+                        ages = torch.tensor([i - e for e in evicted], dtype=q.dtype)
+                        lw = (fk[row, hh, evicted] @ fq[row, hh, i]) * lam[hh] ** ages
+                        num, den = num + lw @ v[row, g, evicted], den + lw.sum()
+                    ys[hh].append(num / den if den > 0 else num * 0)
+            for hh in heads:
+                outs[hh] = torch.stack(ys[hh])
+        rows.append(torch.stack(outs))
+    return torch.stack(rows)

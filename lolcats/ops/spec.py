@@ -28,6 +28,8 @@ class AttentionSpec:
         chunk_size: query chunk C of the O(T) form.
         sinks: s, the first s real tokens of a sequence are scored exactly by every later query ("attention
             sinks") and never enter the linear part.
+        sparse: G, a sparse global cache of at most G pairs per key/value head (:mod:`lolcats.ops.sparse`;
+            0 = none). Only the sparse forms take it; the chunked and prefix forms refuse it.
     """
 
     variant: str
@@ -35,6 +37,7 @@ class AttentionSpec:
     scale: float
     chunk_size: int = 64
     sinks: int = 0
+    sparse: int = 0
 
     def __post_init__(self) -> None:
         window_shape(self.variant, 1)  # ValueError naming the valid shapes
@@ -42,8 +45,10 @@ class AttentionSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"AttentionSpec.{name}={value!r} must be a positive integer")
-        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
-            raise ValueError(f"AttentionSpec.sinks={self.sinks!r} must be a non-negative integer")
+        for name in ("sinks", "sparse"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"AttentionSpec.{name}={value!r} must be a non-negative integer")
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
             raise ValueError(f"AttentionSpec.scale={self.scale!r} must be a finite number")
 
