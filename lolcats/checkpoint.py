@@ -80,7 +80,7 @@ def read_run_config(out_dir: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or "format_version" not in data:
         raise CheckpointError(f"{path} is not a lolcats run record (no format_version); point to a lolcats out_dir")
     version = data["format_version"]
-    if version not in (1, 2, FORMAT_VERSION):
+    if isinstance(version, bool) or version not in range(1, FORMAT_VERSION + 1):
         raise CheckpointError(f"{path} has format version {version!r}; this lolcats reads versions 1 to "
                               f"{FORMAT_VERSION}: install the lolcats that wrote it")
     if version >= 2 and data.get("format") != FORMAT_MARKER:

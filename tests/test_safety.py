@@ -206,14 +206,23 @@ def test_format_1_out_dir_loads_but_is_not_resumed(run_copy, capsys):
     assert "records no checksums" in capsys.readouterr().err
 
 
-def test_format_2_out_dir_loads_and_resumes(run_copy, capsys):
-    """A format-2 record (before sinks and decay) has none of their keys: it loads as it was and a rerun of the
-    same recipe resumes it (finished, nothing retrained) instead of calling it another config."""
+NEWER_KEYS = {  # keys each format's records lack (options added since)
+    3: (("attention", ("sparse_cache", "softmax_layers", "softmax_criterion", "skip_layers_chosen")),),
+    2: (("attention", ("sparse_cache", "softmax_layers", "softmax_criterion", "skip_layers_chosen", "sink_tokens",
+                       "decay", "decay_init")), ("lora", ("loss", "kl_temperature"))),
+}
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_older_out_dir_loads_and_resumes(run_copy, capsys, version):
+    """A format-2 record (before sinks and decay) or format-3 record (before softmax layers chosen from data and
+    the sparse cache) has none of the newer keys: it loads as it was and a rerun of the same recipe resumes it
+    (finished, nothing retrained) instead of calling it another config."""
     out = run_copy / "out"
     record = json.loads((out / "lolcats_config.json").read_text())
     expected = load(out)
-    old = record | {"format_version": 2}
-    for section, keys in (("attention", ("sink_tokens", "decay", "decay_init")), ("lora", ("loss", "kl_temperature"))):
+    old = record | {"format_version": version}
+    for section, keys in NEWER_KEYS[version]:
         for key in keys:
             old["config"][section].pop(key)
     (out / "lolcats_config.json").write_text(json.dumps(old))
