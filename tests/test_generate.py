@@ -34,15 +34,22 @@ def test_generated_step_logits_equal_full_forward(variant):
     torch.testing.assert_close(step_logits, full[:, 11:-1], atol=1e-4, rtol=1e-4)
 
 
+def left_padded(prompts):
+    """(ids, attention mask) of 1-D prompts left-padded with 0 to the longest."""
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]) for p in prompts]).long()
+    return ids, mask
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_left_padded_batch_generation(variant):
     """Rows of different prompt lengths, left-padded: each row's step logits equal the row run alone."""
     model = tiny(variant)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 128, (n,), generator=g) for n in (5, 13)]
-    width = max(len(p) for p in prompts)
-    ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
-    mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]) for p in prompts]).long()
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
     with torch.no_grad():
         seq, step_logits = generate_with_logits(model, ids, 30, attention_mask=mask)
         for row, p in enumerate(prompts):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_tiny
-from test_generate import generate_with_logits, state_bytes_after
+from test_generate import generate_with_logits, left_padded, state_bytes_after
 
 from lolcats import AttentionConfig, convert_model
 from lolcats.attention import LolcatsCache, set_sparse_cache
@@ -43,10 +43,8 @@ def test_left_padded_batch_equals_the_padded_forward():
     (evictions happen at the same token indices in both)."""
     model = tiny()
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(1, 128, (n,), generator=g) for n in (5, 19)]
-    width = max(len(p) for p in prompts)
-    ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
-    mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]) for p in prompts]).long()
+    ids, mask = left_padded([torch.randint(1, 128, (n,), generator=g) for n in (5, 19)])
+    width = ids.shape[1]
     with torch.no_grad():
         seq, step_logits = generate_with_logits(model, ids, 30, attention_mask=mask)
         full_mask = torch.cat([mask, torch.ones(2, 30, dtype=torch.long)], 1)[:, :-1]
