@@ -102,6 +102,10 @@ class LoopConfig:
         eval_every: optimizer steps between held-out evaluations.
         checkpoint_every: optimizer steps between resume checkpoints.
         max_grad_norm: global-norm clipping (0 = off).
+        activation_checkpointing: keep only each layer's inputs for the backward pass and recompute the rest
+            during it (``torch.utils.checkpoint``): in stage 2 every decoder layer, in stage 1 every layer's
+            student attention and loss. Less memory for about one more forward pass of those parts; the same
+            weights either way, so a run may resume with the other setting.
     """
 
     section: typing.ClassVar[str] = "loop"  # the recipe section, named in messages
@@ -114,9 +118,12 @@ class LoopConfig:
     eval_every: int = 50
     checkpoint_every: int = 10
     max_grad_norm: float = 0.0
+    activation_checkpointing: bool = True
 
     def __post_init__(self) -> None:
         s = self.section
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"{s}.activation_checkpointing={self.activation_checkpointing!r} must be true or false")
         if self.max_steps < 0 or self.epochs < 0:
             raise ValueError(f"{s}.max_steps={self.max_steps} and {s}.epochs={self.epochs} must be >= 0")
         for name in ("grad_accum", "eval_every", "checkpoint_every"):

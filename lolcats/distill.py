@@ -4,7 +4,9 @@ Each linearized layer is wrapped by :class:`TransferAttention`, which computes t
 model's own softmax attention, through its configured implementation) and the student (hybrid
 attention) from the same frozen q/k/v, records their MSE, and passes the *teacher's* output on. So
 hidden states stay those of the original model and all layers train at once, and no autograd graph
-spans more than one layer's feature maps.
+spans more than one layer's feature maps. The loss sums every layer's MSE before one backward pass, so every
+layer's student graph is held at once; with ``distill.activation_checkpointing`` (the default) each keeps only
+its inputs (q, k, v and the teacher's output) and the student runs again in the backward pass.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lolcats.attention import LolcatsAttention, token_validity
@@ -39,14 +42,16 @@ def softmax_attention(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, attent
 
 
 class TransferAttention(nn.Module):
-    """Stage-1 stand-in for one layer: teacher output flows on, student MSE is recorded."""
+    """Stage-1 stand-in for one layer: teacher output flows on, student MSE is recorded (with
+    ``activation_checkpointing`` the student's activations are recomputed in the backward pass, not kept)."""
 
     def __init__(self, student: LolcatsAttention, impl: str, sliding_window: int | None,
-                 attention_ce_weight: float = 0.0) -> None:
+                 attention_ce_weight: float = 0.0, activation_checkpointing: bool = False) -> None:
         super().__init__()
         self.student = student
         self.impl, self.sliding_window = impl, sliding_window
         self.attention_ce_weight = attention_ce_weight
+        self.activation_checkpointing = activation_checkpointing
         # attributes HF attention functions read from their module
         self.layer_idx = student.layer_idx
         self.num_key_value_groups = student.num_heads // student.num_kv_heads
@@ -67,18 +72,28 @@ class TransferAttention(nn.Module):
             q, k, v, target = q.to(dtype), k.to(dtype), v.to(dtype), teacher.to(dtype)
         valid = token_validity(attention_mask, t)
         with torch.enable_grad():
-            y = s.attend(q, k, v, valid)
-            err = (y - target).square()
-            if valid is not None:
-                m = valid[:, None, :, None].to(err.dtype)
-                mse = (err * m).sum() / (m.sum() * err.shape[1] * err.shape[-1]).clamp(min=1)
+            if self.activation_checkpointing:  # a pure function of its inputs and the student's weights
+                mse, ce = checkpoint(self._student_losses, q, k, v, target, valid, use_reentrant=False)
             else:
-                mse = err.mean()
-            self.losses.append(mse)
-            if self.attention_ce_weight > 0:
-                self.extra.append(self._attention_ce(q, k, valid))
+                mse, ce = self._student_losses(q, k, v, target, valid)
+        self.losses.append(mse)
+        if ce is not None:
+            self.extra.append(ce)
         out = teacher.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
         return s.o_proj(out), None
+
+    def _student_losses(self, q: Tensor, k: Tensor, v: Tensor, target: Tensor,
+                        valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """MSE of the student's (B, H, T, D) output against the teacher's ``target`` over real tokens, and the
+        attention cross-entropy when it is weighted (else None)."""
+        y = self.student.attend(q, k, v, valid)
+        err = (y - target).square()
+        if valid is not None:
+            m = valid[:, None, :, None].to(err.dtype)
+            mse = (err * m).sum() / (m.sum() * err.shape[1] * err.shape[-1]).clamp(min=1)
+        else:
+            mse = err.mean()
+        return mse, self._attention_ce(q, k, valid) if self.attention_ce_weight > 0 else None
 
     def _attention_ce(self, q: Tensor, k: Tensor, valid: Tensor | None) -> Tensor:
         """Hedgehog's loss: cross-entropy of the student's attention weights against softmax's (O(T²))."""
@@ -128,7 +143,7 @@ class AttentionTransfer:
         def wrap(s: LolcatsAttention) -> nn.Module:
             if layer_ids is not None and s.layer_idx not in layer_ids:
                 return s
-            return TransferAttention(s, impl, s.native_window, cfg.attention_ce_weight)
+            return TransferAttention(s, impl, s.native_window, cfg.attention_ce_weight, cfg.activation_checkpointing)
 
         self.layers = [m for m in replace_linearized(model, wrap) if isinstance(m, TransferAttention)]
         if not self.layers:

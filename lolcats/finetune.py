@@ -1,16 +1,21 @@
 """Stage 2, LoRA repair (docs/design.md §3): peft LoRA on the attention projections, feature maps and
 window factors frozen; the loss is next-token cross-entropy or, with ``lora.loss: kl``, the KL divergence
-from the original softmax model (:mod:`lolcats.teacher`)."""
+from the original softmax model (:mod:`lolcats.teacher`). With ``lora.activation_checkpointing`` (the default)
+each decoder layer keeps only its inputs for the backward pass (:func:`checkpointed_layers`)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from lolcats.attention import find_decoder_layers
 from lolcats.config import LoraConfig
 from lolcats.data import Chunks
 from lolcats.models import family_for
@@ -71,12 +76,59 @@ def stage2_loss(model: nn.Module, cfg: LoraConfig) -> Callable[[Tensor, Tensor],
     raise ValueError(f"lora.loss={cfg.loss!r} is not valid; choose one of {', '.join(map(repr, cfg.losses))}")
 
 
+def _checkpointed(forward: Callable[..., object], *args: object, **kwargs: object) -> object:
+    """A decoder layer's ``forward`` under activation checkpointing: with autograd on, it keeps only its inputs
+    and runs again in the backward pass. Without autograd (evaluation, the KL teacher) nothing is kept anyway, and
+    a forward that writes a cache runs as it is: a recompute would write it twice."""
+    if not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None:
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+@contextlib.contextmanager
+def checkpointed_layers(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within the context every decoder layer of ``model`` (peft-wrapped or not) is activation-checkpointed
+    (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant): the backward pass holds one layer's activations
+    at a time instead of all of them, for one more forward pass of the layers. The recompute gives the same
+    values because a training forward is a pure function of the layer's inputs and weights: no cache
+    (``use_cache=False``), no state written, and the RNG state (LoRA dropout) is replayed. Each layer's own
+    ``forward`` comes back on the way out, also after an error; ``enabled`` False changes nothing."""
+    if not enabled:
+        yield
+        return
+    own = [(layer, layer.__dict__.get("forward")) for layer in find_decoder_layers(model)]
+    for layer, _ in own:
+        layer.forward = functools.partial(_checkpointed, layer.forward)  # shadows the class's forward
+    try:
+        yield
+    finally:
+        for layer, forward in own:
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
 @torch.no_grad()
 def mean_loss(model: nn.Module, chunks: Chunks) -> float:
     total = 0.0
     for i in range(len(chunks)):
         total += next_token_loss(model, *chunks[i]).item()
     return total / len(chunks)
+
+
+# Attributes of modules that draw random numbers in training mode in the frozen base (MoE routers' jitter)
+RANDOM_IN_TRAINING = ("jitter_noise", "input_jitter_noise", "router_jitter_noise")
+
+
+def train_mode(model: nn.Module) -> None:
+    """Training mode for LoRA (its dropout), while the frozen base computes as at inference: a mixture-of-experts
+    block in training mode jitters its input and samples its routing (phimoe, mixtral), which would train the
+    adapters under a routing that generation never uses (and give the KL teacher other samples)."""
+    model.train()
+    for module in model.modules():
+        if any(getattr(module, name, 0) for name in RANDOM_IN_TRAINING):
+            module.eval()
 
 
 def run_stage2(peft_model: nn.Module, train: Chunks, heldout: Chunks, cfg: LoraConfig, state_dir: Path, seed: int,
@@ -90,12 +142,14 @@ def run_stage2(peft_model: nn.Module, train: Chunks, heldout: Chunks, cfg: LoraC
         try:
             return mean_loss(peft_model, heldout)
         finally:
-            peft_model.train(was_training)
+            if was_training:
+                train_mode(peft_model)
 
     spec = StageSpec(name="stage2", params=lora_parameters(peft_model), loss_fn=stage2_loss(peft_model, cfg),
                      eval_fn=eval_fn, loop=cfg, data_parallel=True)
-    peft_model.train()
+    train_mode(peft_model)
     try:
-        return Trainer(spec, train, state_dir, seed, log, progress).run()
+        with checkpointed_layers(peft_model, cfg.activation_checkpointing):
+            return Trainer(spec, train, state_dir, seed, log, progress).run()
     finally:
         peft_model.eval()

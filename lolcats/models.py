@@ -26,7 +26,7 @@ class Family:
         fused_qkv: one ``qkv_proj`` instead of ``q_proj``/``k_proj``/``v_proj`` (Phi-3).
         qk_norm: per-head RMSNorm ``q_norm``/``k_norm`` before rotary (Qwen3, Gemma 3).
         window_in_config: the native sliding window is ``config.sliding_window`` for every layer
-            (Mistral, Mixtral, Phi-3) rather than a per-layer ``module.sliding_window``.
+            (Mistral, Mixtral, Phi-3, Phi-3.5-MoE) rather than a per-layer ``module.sliding_window``.
     """
 
     name: str
@@ -84,6 +84,8 @@ register_family(Family("qwen2", ("qwen2",)))
 register_family(Family("qwen3", ("qwen3",), qk_norm=True))
 register_family(Family("gemma3", ("gemma3_text",), qk_norm=True))
 register_family(Family("phi3", ("phi3",), fused_qkv=True, window_in_config=True))
+# Phi-3.5-MoE / GRIN-MoE: separate q/k/v/o with biases, long-rope cos/sin from the model, window from the mask
+register_family(Family("phimoe", ("phimoe",), window_in_config=True))
 
 
 def supported_model_types() -> list[str]:

@@ -35,11 +35,16 @@ LAYER_CHOICE_FILE = "layer_choice.json"  # the softmax-layer ranking (attention.
 STAGES = {"stage1": ATTENTION_FILE, "stage2": ADAPTER_WEIGHTS}  # each stage's result file
 
 
+# settings of how a stage computes, not of what it computes (same weights either way): like ``threads``, a
+# resumed run may change them, e.g. to fit in memory
+HOW_NOT_WHAT = {"distill": ("activation_checkpointing",), "lora": ("activation_checkpointing",)}
+
+
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     """The config a resumed run must share; the base itself is compared by fingerprint, not by name. Keys a
     later lolcats added are filled with their defaults, which keep the older behaviour; softmax layers the layer
     choice derived after stage 1 (``attention.skip_layers_chosen``) are not part of it: the recipe gave only
-    ``attention.softmax_layers``."""
+    ``attention.softmax_layers``; nor are the settings of :data:`HOW_NOT_WHAT`."""
     try:
         c = LolcatsConfig.from_dict(cfg)
         cfg = dataclasses.replace(c, attention=c.attention.recipe()).to_dict()
@@ -47,6 +52,9 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
         pass  # compared as written: it differs from any valid config
     out = {k: v for k, v in cfg.items() if k not in ("out_dir", "threads", "report")}
     out["model"] = {k: v for k, v in out.get("model", {}).items() if k != "name_or_path"}
+    for section, keys in HOW_NOT_WHAT.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
     return out
 
 

@@ -44,6 +44,20 @@ def _phi3():
     return transformers.Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=None)
 
 
+def _phimoe():
+    # Phi-3.5-MoE / GRIN-MoE: q/k/v/o and lm_head biases, LayerNorm, 4 experts (top-2), long-rope whose
+    # original_max_position_embeddings is below the test lengths, so cos/sin carry long_mscale (q·k scaled by 1.69)
+    half = COMMON["hidden_size"] // COMMON["num_attention_heads"] // 2
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
+            "short_factor": [1.0 + 0.1 * i for i in range(half)], "long_factor": [1.0 + 0.5 * i for i in range(half)],
+            "short_mscale": 1.1, "long_mscale": 1.3}
+    # initializer_range 0.05: at 0.02 the randomised o_proj/v biases swamp the token-dependent part of the
+    # residual, and linearizing moves the logits hundreds of times less than in the other families (a weak test)
+    return transformers.PhimoeConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+                                     attention_bias=True, lm_head_bias=True, rope_parameters=rope,
+                                     initializer_range=0.05)
+
+
 FAMILY_CONFIGS = {
     "llama": (_llama, transformers.LlamaForCausalLM),
     "mistral": (_mistral, transformers.MistralForCausalLM),
@@ -52,6 +66,7 @@ FAMILY_CONFIGS = {
     "qwen3": (_qwen3, transformers.Qwen3ForCausalLM),
     "gemma3": (_gemma3, transformers.Gemma3ForCausalLM),
     "phi3": (_phi3, transformers.Phi3ForCausalLM),
+    "phimoe": (_phimoe, transformers.PhimoeForCausalLM),
 }
 
 

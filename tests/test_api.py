@@ -11,8 +11,8 @@ def test_public_names():
     for name in ("convert_model", "linearize", "load", "AttentionConfig", "LolcatsConfig", "load_config",
                  "supported_model_types"):
         assert hasattr(lolcats, name), name
-    assert set(lolcats.supported_model_types()) == {"gemma3_text", "llama", "mistral", "mixtral", "phi3", "qwen2",
-                                                    "qwen3"}
+    assert set(lolcats.supported_model_types()) == {"gemma3_text", "llama", "mistral", "mixtral", "phi3", "phimoe",
+                                                    "qwen2", "qwen3"}
 
 
 def test_api_round_trip(tiny_run):

@@ -267,6 +267,42 @@ def test_plan_405b_offline_and_other_sizes(capsys, tmp_path):
     assert plan["blocks"][2]["base_params"] == 2 * layer_params
 
 
+
+def _moe_layer_params(hidden: int, heads: int, kv_heads: int, inter: int, experts: int) -> int:
+    """One Phi-3.5-MoE / GRIN-MoE decoder layer: q/k/v/o with biases, every expert's gate/up/down, the router,
+    two LayerNorms (weight and bias)."""
+    d = hidden // heads
+    attention = 2 * (hidden * heads * d + heads * d) + 2 * (hidden * kv_heads * d + kv_heads * d)
+    return attention + experts * 3 * hidden * inter + hidden * experts + 2 * 2 * hidden
+
+
+def test_plan_counts_every_expert_as_resident(capsys, tmp_path):
+    """A mixture-of-experts layer holds all its experts whatever the top-k: plan's base parameters are
+    num_local_experts × expert MLP + router + attention + norms, as in the model itself built on the meta device."""
+    import transformers
+
+    cfg = {"model_type": "phimoe", "hidden_size": 64, "intermediate_size": 40, "num_hidden_layers": 6,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 5, "num_experts_per_tok": 2,
+           "vocab_size": 100, "attention_bias": True, "lm_head_bias": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert main(["blockwise", "plan", str(REPO / "recipes" / "grin_moe.yaml"), "blockwise.block_size=4",
+                 "--model-config", str(tmp_path / "config.json"), "--tokens", "1000",
+                 "--json", str(tmp_path / "plan.json")]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    layer = _moe_layer_params(64, 4, 2, 40, 5)
+    assert [b["base_params"] for b in plan["blocks"]] == [4 * layer, 2 * layer]
+    with torch.device("meta"):
+        model = transformers.PhimoeForCausalLM(transformers.PhimoeConfig(**cfg))
+    assert sum(p.numel() for p in model.model.layers.parameters()) == 6 * layer
+    assert plan["blocks"][0]["base_bytes"] == 2 * 4 * layer  # bf16
+
+    # the shipped recipe: GRIN-MoE's own config, 41.87 B parameters, 1.30 B of them per layer
+    assert main(["blockwise", "plan", str(REPO / "recipes" / "grin_moe.yaml"), "--json", str(tmp_path / "grin.json")]) == 0
+    assert "32 layers" in (out := capsys.readouterr().out) and "8 blocks" in out and "= 3.28 TB" in out
+    grin = json.loads((tmp_path / "grin.json").read_text())
+    assert _moe_layer_params(4096, 32, 8, 6400, 16) == 1_300_326_400
+    assert [b["base_params"] for b in grin["blocks"]] == [4 * 1_300_326_400] * 8
+
 def test_stitch_merges_blocks_and_runs_stage2(assets, tmp_path):
     path = recipe(assets, tmp_path / "out", block_size=2)
     cfg = load_config(str(path), ["lora.max_steps=2", "lora.grad_accum=1", "report.enabled=true",

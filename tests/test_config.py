@@ -63,7 +63,8 @@ def test_lora_targets_follow_the_family():
     assert lora_targets(build_tiny("qwen2"), LoraConfig(target_modules=["o_proj"])) == ["o_proj"]
 
 
-LOOP_KEYS = {"max_steps", "epochs", "grad_accum", "lr", "weight_decay", "eval_every", "checkpoint_every", "max_grad_norm"}
+LOOP_KEYS = {"max_steps", "epochs", "grad_accum", "lr", "weight_decay", "eval_every", "checkpoint_every", "max_grad_norm",
+             "activation_checkpointing"}
 
 
 def test_stage_sections_share_the_loop_settings_and_keep_their_recipe_keys():
@@ -83,9 +84,11 @@ def test_stage_sections_share_the_loop_settings_and_keep_their_recipe_keys():
     d, lo = DistillConfig(), LoraConfig()
 
     def loop(c: LoopConfig) -> tuple:
-        return c.max_steps, c.epochs, c.grad_accum, c.lr, c.weight_decay, c.eval_every, c.checkpoint_every, c.max_grad_norm
+        return (c.max_steps, c.epochs, c.grad_accum, c.lr, c.weight_decay, c.eval_every, c.checkpoint_every,
+                c.max_grad_norm, c.activation_checkpointing)
 
-    assert loop(d) == (200, 0.0, 8, 1e-2, 0.0, 100, 10, 0.0) and loop(lo) == (100, 0.0, 8, 1e-4, 0.0, 50, 10, 1.0)
+    assert loop(d) == (200, 0.0, 8, 1e-2, 0.0, 100, 10, 0.0, True)
+    assert loop(lo) == (100, 0.0, 8, 1e-4, 0.0, 50, 10, 1.0, True)
     assert d.plateau() == {"patience": 10, "factor": 0.1, "min_lr": 1e-5}
     assert DistillConfig(scheduler="constant").plateau() is None and lo.plateau() is None
     assert LoraConfig(epochs=1.5, grad_accum=4).steps(10) == 4 and LoraConfig(max_steps=7).steps(10) == 7
@@ -93,5 +96,6 @@ def test_stage_sections_share_the_loop_settings_and_keep_their_recipe_keys():
         LoraConfig(grad_accum=0)
     with pytest.raises(ValueError, match=r"^distill.lr=nan must be a finite number > 0"):
         DistillConfig(lr=float("nan"))
-    with pytest.raises(ValueError, match=r"unknown key 'scheduler' in lora; valid keys: alpha, checkpoint_every, "):
+    with pytest.raises(ValueError, match=r"unknown key 'scheduler' in lora; valid keys: activation_checkpointing, alpha, "
+                                         r"checkpoint_every, "):
         from_dict(LolcatsConfig, {"lora": {"scheduler": "plateau"}})

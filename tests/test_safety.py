@@ -206,18 +206,22 @@ def test_format_1_out_dir_loads_but_is_not_resumed(run_copy, capsys):
     assert "records no checksums" in capsys.readouterr().err
 
 
+CHECKPOINTING = (("distill", ("activation_checkpointing",)), ("lora", ("activation_checkpointing",)))
 NEWER_KEYS = {  # keys each format's records lack (options added since)
-    3: (("attention", ("sparse_cache", "softmax_layers", "softmax_criterion", "skip_layers_chosen")),),
+    4: CHECKPOINTING,
+    3: (("attention", ("sparse_cache", "softmax_layers", "softmax_criterion", "skip_layers_chosen")), *CHECKPOINTING),
     2: (("attention", ("sparse_cache", "softmax_layers", "softmax_criterion", "skip_layers_chosen", "sink_tokens",
-                       "decay", "decay_init")), ("lora", ("loss", "kl_temperature"))),
+                       "decay", "decay_init")), ("lora", ("loss", "kl_temperature", "activation_checkpointing")),
+        ("distill", ("activation_checkpointing",))),
 }
 
 
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("version", [2, 3, 4])
 def test_older_out_dir_loads_and_resumes(run_copy, capsys, version):
-    """A format-2 record (before sinks and decay) or format-3 record (before softmax layers chosen from data and
-    the sparse cache) has none of the newer keys: it loads as it was and a rerun of the same recipe resumes it
-    (finished, nothing retrained) instead of calling it another config."""
+    """A format-2 record (before sinks and decay), a format-3 record (before softmax layers chosen from data and
+    the sparse cache) or a format-4 one written before activation checkpointing has none of the newer keys: it
+    loads as it was and a rerun of the same recipe resumes it (finished, nothing retrained) instead of calling it
+    another config."""
     out = run_copy / "out"
     record = json.loads((out / "lolcats_config.json").read_text())
     expected = load(out)
@@ -235,3 +239,22 @@ def test_older_out_dir_loads_and_resumes(run_copy, capsys, version):
     assert main(["linearize", str(run_copy / "recipe.yaml")]) == 0, capsys.readouterr().err
     assert (out / ATT).read_bytes() == attention
     assert json.loads((out / "lolcats_config.json").read_text())["format_version"] == 4
+
+
+def test_activation_checkpointing_may_change_on_resume(run_copy, capsys):
+    """How a stage computes is not part of the config a rerun must share: a run recorded with checkpointing off
+    resumes under a recipe with it on (the same weights either way: tests/test_activation_checkpointing.py)."""
+    out = run_copy / "out"
+    record = json.loads((out / "lolcats_config.json").read_text())
+    assert record["config"]["lora"]["activation_checkpointing"] is True  # the default
+    for section in ("distill", "lora"):
+        record["config"][section]["activation_checkpointing"] = False
+    (out / "lolcats_config.json").write_text(json.dumps(record))
+    attention = (out / ATT).read_bytes()
+    assert main(["linearize", str(run_copy / "recipe.yaml")]) == 0, capsys.readouterr().err
+    assert (out / ATT).read_bytes() == attention
+    data = yaml.safe_load((run_copy / "recipe.yaml").read_text())
+    data["lora"]["max_steps"] = 3  # a setting that does change what is computed is still refused
+    (run_copy / "recipe.yaml").write_text(yaml.safe_dump(data))
+    assert main(["linearize", str(run_copy / "recipe.yaml")]) == 2
+    assert "differs in lora.max_steps" in capsys.readouterr().err

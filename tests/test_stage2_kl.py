@@ -15,7 +15,7 @@ from lolcats.config import AttentionConfig, DistillConfig, LoraConfig, load_conf
 from lolcats.convert import convert_model
 from lolcats.data import Chunks
 from lolcats.distill import AttentionTransfer
-from lolcats.finetune import add_lora, kl_loss, lora_parameters, run_stage2, stage2_loss
+from lolcats.finetune import add_lora, kl_loss, lora_parameters, run_stage2, stage2_loss, train_mode
 from lolcats.pipeline import Run
 from lolcats.teacher import kl_divergence, softmax_teacher, teacher_logits
 
@@ -131,6 +131,22 @@ def test_gradient_reaches_only_lora_weights():
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
     assert with_grad == lora
     assert all(model.get_parameter(name).grad.abs().sum() > 0 for name in lora)
+
+
+@pytest.mark.parametrize("family, noise", [("mixtral", {"router_jitter_noise": 0.2}),
+                                           ("phimoe", {"router_jitter_noise": 0.2, "input_jitter_noise": 0.2})])
+def test_stage2_routes_experts_as_at_inference(family, noise):
+    """In training mode a mixture-of-experts block jitters its input and samples its routing; stage 2 trains
+    LoRA (dropout on) with the frozen base deterministic, so two passes agree and equal inference."""
+    _, model = linearized(family, lora=replace(LORA, dropout=0.0), **noise)
+    perturb_adapters(model)
+    ids = random_chunks(1, 32)[0][0]
+    expected = logits(model.eval(), ids)
+    model.train()  # the control: plain training mode is random here, so the test below could fail
+    assert not torch.equal(logits(model, ids), logits(model, ids))
+    train_mode(model)
+    assert model.training and all(m.training for n, m in model.named_modules() if n.endswith("lora_dropout"))
+    torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=0)
 
 
 def test_stage2_with_kl_lowers_the_kl(tmp_path):
