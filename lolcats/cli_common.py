@@ -89,19 +89,33 @@ def trust_flag(p: argparse.ArgumentParser) -> None:
 
 
 def model_flags(p: argparse.ArgumentParser) -> None:
-    """``--trust-remote-code`` and ``--sparse-cache G`` for a command that loads a model to run it."""
+    """``--trust-remote-code``, ``--sparse-cache G`` and ``--softmax-layers`` for a command that loads a model to
+    run it."""
     trust_flag(p)
     p.add_argument("--sparse-cache", type=_number(int, 0), default=None, metavar="G",
                    help="give every linearized layer a sparse global cache of G key/value pairs per key/value head "
                         "(0-256; retrieval beyond the window, no training: docs/design.md §1)")
+    p.add_argument("--softmax-layers", type=_number(int, 0), nargs="+", default=None, metavar="L",
+                   help="run these linearized layers as the model's own softmax attention (their KV cache grows "
+                        "with the context), without retraining: to try layers before attention.softmax_layers")
 
 
 def load_for_run(args: argparse.Namespace):
-    """(model, tokenizer) of ``args.model``, with ``--sparse-cache`` applied (refused for a softmax model)."""
+    """(model, tokenizer) of ``args.model``, with ``--softmax-layers`` and ``--sparse-cache`` applied (refused
+    for a softmax model)."""
     from lolcats.attention import set_sparse_cache
     from lolcats.checkpoint import load_model_any
+    from lolcats.layer_choice import linearized_ids, restore_softmax
 
     model, tokenizer = load_model_any(args.model, trust_remote_code=args.trust_remote_code)
+    layers = getattr(args, "softmax_layers", None)
+    if layers:
+        linear = linearized_ids(model)
+        bad = sorted(set(layers) - set(linear))
+        if bad:
+            raise ValueError(f"--softmax-layers {' '.join(map(str, bad))}: not linearized layers of {args.model} "
+                             f"(linearized: {' '.join(map(str, linear)) or 'none'})")
+        restore_softmax(model, sorted(set(layers)))
     size = getattr(args, "sparse_cache", None)
     if size is not None:
         if size > 256:

@@ -1,11 +1,12 @@
 """Retrieval at constant memory on SmolLM2: neither, a sparse cache, N softmax layers, both — one table.
 
-    .venv/bin/python scripts/bench_retrieval.py --linear OUT_DIR --softmax OUT_DIR_N [--sparse-cache 64]
+    .venv/bin/python scripts/bench_retrieval.py --linear OUT_DIR [--softmax OUT_DIR_N] [--sparse-cache 64 256]
         [--work bench_retrieval_work] [--json docs/retrieval.json]
 
-``--linear`` is a finished demo run (no softmax layers); ``--softmax`` the same recipe with
+``--linear`` is a finished run without softmax layers; ``--softmax`` (optional) the same recipe with
 ``attention.softmax_layers: N`` (stage 1 is the same; only stage 2 differs). The sparse cache needs no
-training: it is set at evaluation time (``--sparse-cache G``). For each configuration, and for the original
+training: it is set at evaluation time, one row per ``--sparse-cache G`` (and one "both" row per G with
+``--softmax``). For each configuration, and for the original
 model, every figure comes from the project's own commands, each in its own process, cached in ``--work``
 (rerun to resume):
 
@@ -31,80 +32,101 @@ HERE = Path(__file__).resolve().parents[1]
 LOLCATS = str(HERE / ".venv/bin/lolcats")
 ORIGINAL = "lolcats:smollm2-135m-instruct"
 BUCKETS = ("0–512", "512–1k", "1k–2k", "2k–4k", "4k–8k")
+LENGTHS = (1024, 2048, 4096, 8000)  # eval passkey's default lengths for SmolLM2
+TABLE_ONLY = False  # --table-only: the table from what --work holds, "–" for what was not measured
 
 
 def run(cmd: list[str], done: Path) -> None:
-    """Run ``cmd`` unless ``done`` exists (its result)."""
+    """Run ``cmd`` unless ``done`` exists (its result), or, with ``--table-only``, say it was not run."""
     if done.exists():
+        return
+    if TABLE_ONLY:
+        print("not run:", " ".join(cmd), file=sys.stderr)
         return
     print("running:", " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True, cwd=HERE)
 
 
-def measure(name: str, model: str, sparse: int | None, attention: list[str], work: Path) -> dict:
+def measure(name: str, model: str, flags: list[str], attention: list[str] | None, work: Path) -> dict:
+    """Every figure of one configuration: ``model`` evaluated with the eval ``flags`` (``--sparse-cache``,
+    ``--softmax-layers``); decode speed with bench_generate's ``--attention`` options (None: not timed)."""
     d = work / name.replace(" ", "_")
     d.mkdir(parents=True, exist_ok=True)
-    extra = [] if sparse is None else ["--sparse-cache", str(sparse)]
-    run([LOLCATS, "eval", "passkey", model, "--out", str(d), *extra], d / "passkey.json")
-    run([LOLCATS, "eval", "passkey", model, "--task", "multi-needle", "--out", str(d), *extra], d / "multi_needle.json")
+    run([LOLCATS, "eval", "passkey", model, "--out", str(d), *flags], d / "passkey.json")
+    run([LOLCATS, "eval", "passkey", model, "--task", "multi-needle", "--out", str(d), *flags], d / "multi_needle.json")
     run([LOLCATS, "eval", "ppl", model, "--data", "lolcats:moby_dick", "--seq-len", "8192", "--windows", "2",
-         "--out", str(d / "ppl.json"), *extra], d / "ppl.json")
+         "--out", str(d / "ppl.json"), *flags], d / "ppl.json")
     if attention is not None:
         run([sys.executable, str(HERE / "scripts/bench_generate.py"), "--lengths", "7680", "--batches", "1",
              "--new-tokens", "64", "--prefill-repeats", "1", "--out", str(d / "decode.json"), "--attention",
              *attention], d / "decode.json")
-    out = {k: json.loads((d / f"{k}.json").read_text()) for k in ("passkey", "multi_needle", "ppl")}
-    if (d / "decode.json").exists():
-        out["decode"] = json.loads((d / "decode.json").read_text())
-    return out
+    return {k: json.loads((d / f"{k}.json").read_text()) for k in ("passkey", "multi_needle", "ppl", "decode")
+            if (d / f"{k}.json").exists()}
 
 
-def attention_options(out_dir: str, sparse: int | None) -> list[str]:
-    """``--attention`` options of bench_generate for the run's attention (+ the sparse cache)."""
+def attention_options(out_dir: str, sparse: int | None, softmax: list[int] = ()) -> list[str]:
+    """``--attention`` options of bench_generate for the run's attention (+ the sparse cache, + layers run as
+    softmax)."""
     record = json.loads((Path(out_dir) / "lolcats_config.json").read_text())
     a = record["config"]["attention"]
-    keep = ("variant", "window_size", "sink_tokens", "decay", "decay_init", "skip_layers")
+    keep = ("variant", "window_size", "sink_tokens", "decay", "decay_init")
     opts = [f"{k}={json.dumps(a[k])}" for k in keep if k in a]
-    return opts + ([f"sparse_cache={sparse}"] if sparse else [])
+    skip = sorted({*a.get("skip_layers", []), *a.get("skip_layers_chosen", []), *softmax})
+    return opts + ([f"skip_layers={json.dumps(skip)}"] if skip else []) + ([f"sparse_cache={sparse}"] if sparse else [])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--linear", required=True, help="a finished run without softmax layers")
-    ap.add_argument("--softmax", required=True, help="the same recipe with attention.softmax_layers: N")
-    ap.add_argument("--sparse-cache", type=int, default=64)
+    ap.add_argument("--softmax", help="the same recipe with attention.softmax_layers: N (rows left out without it)")
+    ap.add_argument("--sparse-cache", type=int, nargs="+", default=[64], metavar="G")
+    ap.add_argument("--restore-layers", type=int, nargs="+", default=[], metavar="L",
+                    help="also: these layers of --linear run as softmax without retraining (eval --softmax-layers)")
+    ap.add_argument("--table-only", action="store_true", help="run nothing: the table from what --work holds")
     ap.add_argument("--work", default="bench_retrieval_work")
     ap.add_argument("--json", default="docs/retrieval.json")
     args = ap.parse_args()
-    work, g = Path(args.work), args.sparse_cache
-    configs = {
-        "original (softmax, full KV cache)": (ORIGINAL, None, None),
-        "neither": (args.linear, None, attention_options(args.linear, None)),
-        f"sparse cache G={g}": (args.linear, g, attention_options(args.linear, g)),
-        "softmax layers": (args.softmax, None, attention_options(args.softmax, None)),
-        f"both (G={g})": (args.softmax, g, attention_options(args.softmax, g)),
-    }
+    global TABLE_ONLY
+    TABLE_ONLY = args.table_only
+    work = Path(args.work)
+    configs = {"original (softmax, full KV cache)": (ORIGINAL, [], None),
+               "neither": (args.linear, [], attention_options(args.linear, None))}
+    for g in args.sparse_cache:
+        configs[f"sparse cache G={g}"] = (args.linear, ["--sparse-cache", str(g)], attention_options(args.linear, g))
+    if args.restore_layers:
+        ids = args.restore_layers
+        configs[f"softmax layers {','.join(map(str, ids))} restored"] = (
+            args.linear, ["--softmax-layers", *map(str, ids)], attention_options(args.linear, None, ids))
+    if args.softmax:
+        configs["softmax layers"] = (args.softmax, [], attention_options(args.softmax, None))
+        for g in args.sparse_cache:
+            configs[f"both (G={g})"] = (args.softmax, ["--sparse-cache", str(g)], attention_options(args.softmax, g))
     results = {name: measure(name, *spec, work) for name, spec in configs.items()}
-    lengths = results["neither"]["passkey"]["lengths"]
+    lengths = [str(n) for n in LENGTHS]
     head = ("| configuration | " + " | ".join(f"passkey {n}" for n in lengths) + " | "
             + " | ".join(f"needles {n}" for n in lengths) + " | " + " | ".join(BUCKETS)
-            + " | cache MiB at 8k | ÷ KV cache | decode tok/s at 7,680 |")
+            + " | cache MiB at 8k | ÷ KV cache, each length | decode tok/s at 7,680 |")
     lines = [head, "|---|" + "---:|" * (2 * len(lengths) + len(BUCKETS) + 3)]
-    kv = results["original (softmax, full KV cache)"]["passkey"]["cache_bytes"]
+
+    def pct(record: dict | None, n: str) -> str:
+        return "–" if record is None or n not in record["by_length"] else f"{100 * record['by_length'][n]:.0f}%"
+
     for name, r in results.items():
-        pk, mn = r["passkey"]["by_length"], r["multi_needle"]["by_length"]
-        cache = r["passkey"]["cache_bytes"]
-        last = str(lengths[-1])
+        pk, mn, ppl = r.get("passkey"), r.get("multi_needle"), r.get("ppl")
+        cells = [pct(pk, n) for n in lengths] + [pct(mn, n) for n in lengths]
+        cells += [f"{ppl['by_position'][b]['ppl']:.1f}" if ppl else "–" for b in BUCKETS]
+        cache = {**(mn or {}).get("cache_bytes", {}), **(pk or {}).get("cache_bytes", {})}
+        kv = {**(mn or {}).get("softmax_kv_bytes", {}), **(pk or {}).get("softmax_kv_bytes", {})}
         decode = next((x["decode_tokens_per_s"] for x in r.get("decode", {}).get("results", [])
                        if x["model"] == "linearized"), None)
-        cells = [f"{100 * pk[str(n)]:.0f}%" for n in lengths] + [f"{100 * mn[str(n)]:.0f}%" for n in lengths]
-        cells += [f"{r['ppl']['by_position'][b]['ppl']:.1f}" for b in BUCKETS]
-        cells += [f"{cache[last] / 2**20:.1f}", f"{cache[last] / kv[last]:.1%}",
+        cells += ["–" if lengths[-1] not in cache else f"{cache[lengths[-1]] / 2**20:.1f}",
+                  " / ".join(f"{cache[n] / kv[n]:.0%}" if n in cache else "–" for n in lengths),
                   "–" if decode is None else f"{decode:.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
-    Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "linear": args.linear,
-                                           "softmax": args.softmax, "sparse_cache": g, "results": results}, indent=1))
+    record = {"date": time.strftime("%Y-%m-%d"), "linear": args.linear, "softmax": args.softmax,
+              "sparse_cache": args.sparse_cache, "restore_layers": args.restore_layers, "results": results}
+    Path(args.json).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_set_sparse_cache_is_an_inference_setting():
             set_sparse_cache(model, bad)
 
 
-def test_cli_sparse_cache_flag(tiny_run, tmp_path, capsys):
+def test_cli_sparse_cache_and_softmax_layers_flags(tiny_run, tmp_path, capsys):
     """`--sparse-cache G` scores a linearized out_dir with the cache (a different perplexity from without), and
     is refused for a softmax model and above 256, naming the value."""
     from lolcats.cli import main
@@ -111,3 +111,10 @@ def test_cli_sparse_cache_flag(tiny_run, tmp_path, capsys):
     base = str(root / "base")
     assert main(["eval", "ppl", base, "--data", data, "--seq-len", "300", "--windows", "1", "--sparse-cache", "2"]) == 2
     assert "has none" in capsys.readouterr().err
+    # --softmax-layers runs chosen linearized layers as softmax (another perplexity each), alone or with the
+    # cache; a layer that is not linearized is named
+    some, both, every = ppl("--softmax-layers", "0"), ppl("--softmax-layers", "1", "--sparse-cache", "2"), ppl(
+        "--softmax-layers", "0", "1")
+    assert len({plain, cached, some, both, every}) == 5
+    assert main(["eval", "ppl", out, "--data", data, "--softmax-layers", "0", "7"]) == 2
+    assert "--softmax-layers 7" in capsys.readouterr().err
