@@ -26,23 +26,43 @@ def _linearize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _blockwise(args: argparse.Namespace) -> int:
+def _plan(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
+
+    from lolcats.config import load_config
+    from lolcats.plan import format_full, plan
+
+    cfg = load_config(args.recipe, args.overrides)
+    p = plan(cfg, tokens=args.tokens, model_config=args.model_config, recipe_dir=Path(args.recipe).parent,
+             devices=args.devices)
+    print(format_full(p))
+    if args.json:
+        Path(args.json).write_text(json.dumps(p, indent=1))
+        print(f"plan written to {args.json}")
+    return 0
+
+
+def _plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/llama3_1_8b.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seq_len=4096")
+    p.add_argument("--devices", type=positive_int, default=1, help="N devices a sharded run divides weights, "
+                   "gradients and optimizer state over (default 1)")
+    p.add_argument("--tokens", type=positive_int, help="the training data's size in tokens (default: blockwise.tokens)")
+    p.add_argument("--model-config", help="a config.json (default: blockwise.model_config or the model folder)")
+    p.add_argument("--json", help="also write the plan as JSON here")
+    p.set_defaults(func=_plan)
+
+
+def _blockwise(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lolcats import blockwise
     from lolcats.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
-    if args.blockwise_command != "plan":
-        blockwise.check_supported(cfg)
-    if args.blockwise_command == "plan":
-        p = blockwise.plan(cfg, tokens=args.tokens, model_config=args.model_config, recipe_dir=Path(args.recipe).parent)
-        print(blockwise.format_plan(p))
-        if args.json:
-            Path(args.json).write_text(json.dumps(p, indent=1))
-            print(f"plan written to {args.json}")
-    elif args.blockwise_command == "precompute":
+    blockwise.check_supported(cfg)
+    if args.blockwise_command == "precompute":
         r = blockwise.precompute(cfg, progress=TqdmProgress(per_rank=True))
         for problem in r.problems:
             print(f"found: {problem}")
@@ -94,19 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete out_dir if it holds another run")
     p.set_defaults(func=_linearize)
 
+    _plan_options(sub.add_parser("plan", help="memory per stage and device, token budget and block-by-block disk, "
+                                 "from the model config alone"))
+
     bw = sub.add_parser("blockwise", help="block-by-block stage 1 for 70B-405B models").add_subparsers(
         dest="blockwise_command", required=True)
-    for name, text in (("plan", "block split, disk need and memory per block, from the config alone"),
-                       ("precompute", "write each block's input hidden states (streams one layer at a time)"),
+    _plan_options(bw.add_parser("plan", help="the same as `lolcats plan`"))
+    for name, text in (("precompute", "write each block's input hidden states (streams one layer at a time)"),
                        ("train", "train blocks from their stored inputs (torchrun: one block per rank at a time)"),
                        ("stitch", "merge the blocks' weights, then stage 2 as in `linearize`")):
         p = bw.add_parser(name, help=text)
         p.add_argument("recipe", help="recipe YAML, e.g. recipes/llama3_1_405b.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. blockwise.block_size=2")
-        if name == "plan":
-            p.add_argument("--tokens", type=positive_int, help="tokens to plan for (default: blockwise.tokens)")
-            p.add_argument("--model-config", help="a config.json (default: blockwise.model_config or the model folder)")
-            p.add_argument("--json", help="also write the plan as JSON here")
         if name == "train":
             p.add_argument("--blocks", type=nonneg_int, nargs="+", help="only these blocks (default: all)")
         p.set_defaults(func=_blockwise)

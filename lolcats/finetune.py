@@ -20,7 +20,7 @@ from lolcats.config import LoraConfig
 from lolcats.data import Chunks
 from lolcats.models import family_for
 from lolcats.teacher import kl_divergence, next_token_nll, teacher_logits
-from lolcats.training import StageResult, StageSpec, Trainer
+from lolcats.training import StageResult, StageSpec, Trainer, release_heap
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,12 @@ def checkpointed_layers(model: nn.Module, enabled: bool = True) -> Iterator[None
                 layer.forward = forward
 
 
+def _release_before_logits(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of the output embedding: the decoder layers' freed intermediates go back to the system
+    (:func:`lolcats.training.release_heap`) before the logits over the vocabulary are allocated."""
+    release_heap()
+
+
 @torch.no_grad()
 def mean_loss(model: nn.Module, chunks: Chunks) -> float:
     total = 0.0
@@ -148,8 +154,12 @@ def run_stage2(peft_model: nn.Module, train: Chunks, heldout: Chunks, cfg: LoraC
     spec = StageSpec(name="stage2", params=lora_parameters(peft_model), loss_fn=stage2_loss(peft_model, cfg),
                      eval_fn=eval_fn, loop=cfg, data_parallel=True)
     train_mode(peft_model)
+    head = peft_model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(_release_before_logits) if head is not None else None
     try:
         with checkpointed_layers(peft_model, cfg.activation_checkpointing):
             return Trainer(spec, train, state_dir, seed, log, progress).run()
     finally:
+        if hook is not None:
+            hook.remove()
         peft_model.eval()

@@ -8,10 +8,13 @@ bit-identical weights to an uninterrupted one (same thread count).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +34,28 @@ logger = logging.getLogger(__name__)
 
 CHECKSUMS = "checksums.json"
 CHECKPOINT_FILES = ("weights.safetensors", "trainer.pt")
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # glibc; musl has none
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_heap() -> bool:
+    """Give the C heap's free pages back to the operating system (glibc ``malloc_trim``; elsewhere nothing);
+    True when some were. CPU tensors of a few MB live on that heap, which keeps the pages of freed ones resident:
+    a pass's freed intermediates would otherwise still count in the process's memory while the next pass (the
+    loss over the vocabulary, the backward pass) allocates its own, adding about one pass of slack to the peak
+    (docs/memory.md). Called between a step's passes; the cost is refaulting the pages the next pass reuses."""
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
 
 
 class TrainingError(RuntimeError):
@@ -237,6 +262,7 @@ class Trainer:
                 fault_point(f"{spec.name}:micro{micro_step}")
                 input_ids, labels = self._batch(micro_step)
                 loss, extra = spec.loss_fn(input_ids, labels)
+                release_heap()  # the forward pass's freed intermediates, before the backward pass allocates
                 if fault_point(f"{spec.name}:micro{micro_step}:loss"):  # a test asks for a non-finite loss here
                     loss = loss * float("nan")
                 if not self.dp and not torch.isfinite(loss):
@@ -259,6 +285,7 @@ class Trainer:
             if loop.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, loop.max_grad_norm)
             self.optimizer.step()
+            release_heap()  # the backward pass's, before the next step
             self.step += 1
             self.seconds += time.perf_counter() - start
             record = {"stage": spec.name, "step": self.step, "loss": total,

@@ -1,17 +1,18 @@
-"""``lolcats blockwise plan``: the block split, disk need and per-block memory, from the model config alone."""
+"""The block-by-block part of ``lolcats plan`` (``lolcats blockwise plan`` is its alias): the block split, disk need
+and per-block memory, from the model config alone."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch import nn
 
 from lolcats.base_model import DTYPES
 from lolcats.blockwise.common import block_ranges, disk_bytes, fmt_bytes
 from lolcats.config import LolcatsConfig
-from lolcats.convert import TRAINABLE_KEYS, convert_model, find_decoder_layers
-from lolcats.sources import resolve_model
+from lolcats.convert import TRAINABLE_KEYS, find_decoder_layers
+from lolcats.memory import skeleton
 
 
 def plan(cfg: LolcatsConfig, tokens: int | None = None, model_config: str | None = None,
@@ -24,47 +25,32 @@ def plan(cfg: LolcatsConfig, tokens: int | None = None, model_config: str | None
         model_config: a config.json (default ``blockwise.model_config``, else the model's folder).
         recipe_dir: where relative ``blockwise.model_config`` paths are looked up when not found from here.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    hf_config, source, model = skeleton(cfg, model_config, recipe_dir)
+    return block_plan(cfg, hf_config, model, source, tokens or cfg.blockwise.tokens or None)
 
-    source = model_config or cfg.blockwise.model_config
-    if source and not Path(source).expanduser().exists() and recipe_dir is not None:
-        source = str(recipe_dir / source)
-    source = source or resolve_model(cfg.model.name_or_path)
-    path = Path(source).expanduser()
-    if path.is_file():
-        hf_config = AutoConfig.from_pretrained(str(path.parent) if path.name == "config.json" else str(path),
-                                               trust_remote_code=cfg.model.trust_remote_code)
-    elif (path / "config.json").exists():
-        hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
-    else:
-        raise FileNotFoundError(f"no model config at {source}; set blockwise.model_config to a local config.json "
-                                "(plan needs only the config, never the weights)")
-    with init_empty_weights(), torch.device("meta"):  # shapes only: nothing is allocated or initialised
-        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
-        convert_model(model, cfg.attention)
+
+def block_plan(cfg: LolcatsConfig, hf_config: Any, model: nn.Module, source: str, tokens: int | None) -> dict[str, Any]:
+    """:func:`plan` on a converted skeleton (:func:`lolcats.memory.skeleton`); without a token count the disk need
+    and precompute's passes are None."""
     layers = find_decoder_layers(model)
     blocks = block_ranges(len(layers), cfg.blockwise.block_size)
     itemsize = DTYPES[cfg.blockwise.shard_dtype].itemsize
     base_bytes = DTYPES[cfg.model.dtype].itemsize
-    tokens = tokens or cfg.blockwise.tokens
-    if not tokens:
-        raise ValueError("plan needs a token count: set blockwise.tokens in the recipe or pass --tokens")
     rows = []
     for b, r in enumerate(blocks):
         base = sum(p.numel() for i in r for n, p in layers[i].named_parameters() if not n.startswith(_trainable_prefixes()))
         train = sum(p.numel() for i in r for n, p in layers[i].named_parameters() if n.startswith(_trainable_prefixes()))
         rows.append({"block": b, "layers": [r.start, r.stop - 1], "base_params": base, "base_bytes": base * base_bytes,
                      "trainable_params": train})
-    need = disk_bytes(tokens, hf_config.hidden_size, len(blocks), itemsize)
+    need = disk_bytes(tokens, hf_config.hidden_size, len(blocks), itemsize) if tokens else None
     chunk_cap = cfg.blockwise.max_inflight_chunks * cfg.data.seq_len
-    inflight_tokens = min(tokens, chunk_cap) if chunk_cap else tokens
+    inflight_tokens = (min(tokens, chunk_cap) if tokens else chunk_cap) if chunk_cap else tokens
     return {"model": cfg.model.name_or_path, "config": str(source), "num_layers": len(layers),
             "hidden_size": hf_config.hidden_size, "block_size": cfg.blockwise.block_size, "blocks": rows,
             "tokens": tokens, "shard_dtype": cfg.blockwise.shard_dtype, "disk_bytes": need,
             "processes": len(blocks), "layer_bytes": rows[0]["base_bytes"] // len(blocks[0]),
-            "inflight_bytes": inflight_tokens * hf_config.hidden_size * base_bytes,
-            "waves": -(-tokens // inflight_tokens)}
+            "inflight_bytes": inflight_tokens * hf_config.hidden_size * base_bytes if inflight_tokens else None,
+            "waves": -(-tokens // inflight_tokens) if tokens else None}
 
 
 def _trainable_prefixes() -> tuple[str, ...]:
@@ -76,18 +62,33 @@ def _fmt_count(n: int) -> str:
 
 
 def format_plan(p: dict[str, Any]) -> str:
+    """The block split as Markdown; consecutive blocks of the same size share a row."""
     itemsize = DTYPES[p["shard_dtype"]].itemsize
     lines = [f"model {p['model']} (config {p['config']}): {p['num_layers']} layers, hidden {p['hidden_size']}; "
              f"k = {p['block_size']} -> {len(p['blocks'])} blocks", "",
              "| block | layers | base params | base weights | trainable params |", "|---:|---|---:|---:|---:|"]
+    groups: list[list[dict]] = []
     for r in p["blocks"]:
-        lines.append(f"| {r['block']} | {r['layers'][0]}–{r['layers'][1]} | {_fmt_count(r['base_params'])} | "
+        key = (r["base_params"], r["trainable_params"], r["layers"][1] - r["layers"][0])
+        if groups and key == (groups[-1][0]["base_params"], groups[-1][0]["trainable_params"],
+                              groups[-1][0]["layers"][1] - groups[-1][0]["layers"][0]):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    for g in groups:
+        r, last = g[0], g[-1]
+        blocks = f"{r['block']}" if len(g) == 1 else f"{r['block']}–{last['block']} (each)"
+        lines.append(f"| {blocks} | {r['layers'][0]}–{last['layers'][1]} | {_fmt_count(r['base_params'])} | "
                      f"{fmt_bytes(r['base_bytes'])} | {r['trainable_params']:,} |")
-    lines += ["", f"hidden states on disk: {itemsize} bytes × {p['tokens']:,} tokens × {p['hidden_size']} hidden × "
-              f"{len(p['blocks'])} block starts = {fmt_bytes(p['disk_bytes'])} ({p['shard_dtype']}, decimal units)",
-              f"precompute memory: one layer's weights ({fmt_bytes(p['layer_bytes'])}) plus the hidden states in "
-              f"flight ({fmt_bytes(p['inflight_bytes'])}; {p['waves']} pass(es) over the layers, "
-              "set blockwise.max_inflight_chunks to bound it)",
-              f"train step: up to {p['processes']} processes/GPUs, one block each "
-              f"(torchrun --nproc_per_node N -m lolcats.cli blockwise train RECIPE)"]
+    if p["tokens"]:
+        lines += ["", f"hidden states on disk: {itemsize} bytes × {p['tokens']:,} tokens × {p['hidden_size']} hidden × "
+                  f"{len(p['blocks'])} block starts = {fmt_bytes(p['disk_bytes'])} ({p['shard_dtype']}, decimal units)",
+                  f"precompute memory: one layer's weights ({fmt_bytes(p['layer_bytes'])}) plus the hidden states in "
+                  f"flight ({fmt_bytes(p['inflight_bytes'])}; {p['waves']} pass(es) over the layers, "
+                  "set blockwise.max_inflight_chunks to bound it)"]
+    else:
+        lines += ["", f"hidden states on disk: {itemsize} bytes × tokens × {p['hidden_size']} hidden × "
+                  f"{len(p['blocks'])} block starts (give the token count: --tokens N or blockwise.tokens)"]
+    lines.append(f"train step: up to {p['processes']} processes/GPUs, one block each "
+                 "(torchrun --nproc_per_node N -m lolcats.cli blockwise train RECIPE)")
     return "\n".join(lines)
