@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lolcats.config import ModelConfig
 from lolcats.convert import TRAINABLE_KEYS
@@ -91,8 +92,11 @@ def _first_unreadable(folder: Path) -> str | None:
     return None
 
 
-def fingerprint(model: nn.Module) -> str:
-    """sha256 of the base model's architecture config plus a few of its tensors (first, middle, last)."""
+def fingerprint(model: nn.Module, head: Callable[[str, int], Tensor] | None = None) -> str:
+    """sha256 of the base model's architecture config plus a few of its tensors (first, middle, last).
+
+    ``head(name, n)`` gives the first n elements of a parameter where the model does not hold them whole (a
+    sharded model reads them from its checkpoint: :meth:`lolcats.sharding.ShardedBase.head`)."""
     h = hashlib.sha256()
     cfg = model.config.to_dict()
     for volatile in _VOLATILE_CONFIG_KEYS:
@@ -101,9 +105,11 @@ def fingerprint(model: nn.Module) -> str:
     state = {k: v for k, v in model.state_dict().items() if not any(t in k for t in TRAINABLE_KEYS)
              and "lora_" not in k}
     names = sorted(state)
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     for name in (names[0], names[len(names) // 2], names[-1]):
         h.update(name.encode())
-        h.update(state[name].detach().flatten()[:65536].float().cpu().numpy().tobytes())
+        t = head(name, 65536) if head is not None and name in params else state[name].detach().flatten()[:65536]
+        h.update(t.float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -28,6 +28,9 @@ class ModelConfig:
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available).
         attn_implementation: the teacher's softmax: ``sdpa``, ``eager`` or ``flash_attention_2``.
         trust_remote_code: only when you trust the checkpoint's code.
+        sharding: ``none``, or ``fsdp``: under torchrun / ``accelerate launch`` each rank holds 1/N of the base
+            weights (FSDP2, one unit per decoder layer) and reads only its rows from the checkpoint
+            (:mod:`lolcats.sharding`); in one process it changes nothing.
     """
 
     name_or_path: str = "lolcats:smollm2-135m-instruct"
@@ -35,9 +38,11 @@ class ModelConfig:
     device: str = "auto"
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
+    sharding: str = "none"
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_choice("model.sharding", self.sharding, ("none", "fsdp"))
         check_choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             raise ValueError(f"model.device={self.device!r} is not valid; use cpu, cuda, cuda:N or auto")

@@ -79,10 +79,14 @@ def stage2_loss(model: nn.Module, cfg: LoraConfig) -> Callable[[Tensor, Tensor],
 def _checkpointed(forward: Callable[..., object], *args: object, **kwargs: object) -> object:
     """A decoder layer's ``forward`` under activation checkpointing: with autograd on, it keeps only its inputs
     and runs again in the backward pass. Without autograd (evaluation, the KL teacher) nothing is kept anyway, and
-    a forward that writes a cache runs as it is: a recompute would write it twice."""
+    a forward that writes a cache runs as it is: a recompute would write it twice. The layer's freed intermediates
+    go back to the system before the next layer runs (:func:`lolcats.training.release_heap`): on CPU the forward
+    pass otherwise spreads over ever more heap pages, one layer after another (docs/memory.md)."""
     if not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None:
         return forward(*args, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    out = checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    release_heap()
+    return out
 
 
 @contextlib.contextmanager

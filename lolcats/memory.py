@@ -96,8 +96,8 @@ def skeleton(cfg: Any, model_config: str | None = None, recipe_dir: Path | None 
     elif (path / "config.json").exists():
         hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust)
     else:
-        raise FileNotFoundError(f"no model config at {source}; set blockwise.model_config to a local config.json "
-                                "(plan needs only the config, never the weights)")
+        raise FileNotFoundError(f"no model config at {source}; set blockwise.model_config to a local config.json or "
+                                "pass --model-config (plan needs only the config, never the weights)")
     with init_empty_weights(), torch.device("meta"):  # shapes only: nothing is allocated or initialised
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust)
     model.tie_weights()  # outside init_empty_weights, which would re-create the tied tensor as a second one

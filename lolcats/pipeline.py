@@ -7,6 +7,7 @@ import datetime
 import functools
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lolcats import distributed
+from lolcats import distributed, sharding
 from lolcats.base_model import base_config, config_sha256, fingerprint, load_base, load_tokenizer, pick_device
 from lolcats.checkpoint import (
     ATTENTION_FILE,
@@ -69,10 +70,11 @@ class _Metrics:
 
 
 class _Cached:
-    """Results of slow, deterministic measurements, kept in train_state/ so a resumed run skips them."""
+    """Results of slow, deterministic measurements, kept in train_state/ so a resumed run skips them (``write``:
+    this process is the one that writes them; the others of a sharded run measure alike and keep them in memory)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, write: bool = True) -> None:
+        self.path, self.write = path, write
         try:
             self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -82,7 +84,8 @@ class _Cached:
     def get(self, key: str, compute: Callable[[], Any]) -> Any:
         if key not in self.data:
             self.data[key] = compute()
-            atomic_write_text(self.path, json.dumps(self.data, indent=1))
+            if self.write:
+                atomic_write_text(self.path, json.dumps(self.data, indent=1))
         return self.data[key]
 
 
@@ -102,7 +105,8 @@ def linearize(cfg: LolcatsConfig, overwrite: bool = False, progress: Progress | 
     """Run the whole LoLCATs recipe into ``cfg.out_dir``; rerunning resumes where it stopped.
 
     Under torchrun / ``accelerate launch`` every rank runs this: the stages train data-parallel, rank 0
-    alone measures, reports and writes files.
+    alone measures, reports and writes files; with ``model.sharding: fsdp`` every rank holds a shard of the base
+    (:mod:`lolcats.sharding`), so every rank measures too (a forward pass is a collective) and rank 0 writes.
     """
     run = Run(cfg, overwrite, progress)
     run.baselines()
@@ -136,7 +140,8 @@ class Run:
         check_position_offset(d, getattr(hf_config, "max_position_embeddings", None))
         self.train, self.heldout = build_train_data(d.train, self.tokenizer, d.seq_len, d.heldout_chunks,
                                                     before=d.train_filter, max_train_chunks=d.max_train_chunks)
-        self.reporting = cfg.report.enabled and self.main
+        self.sharded = sharding.requested(cfg.model)
+        self.reporting = cfg.report.enabled and (self.main or self.sharded)  # the ranks that measure; rank 0 writes
         if self.reporting:
             self.eval_sets = {
                 "in_domain": (self.heldout if d.eval_in_domain == "heldout" else
@@ -144,8 +149,15 @@ class Run:
                 "out_of_domain": eval_windows(d.eval_out_of_domain, self.tokenizer, d)}
         config_sha = config_sha256(hf_config)
         action = plan_out_dir(out, cfg, config_sha, overwrite)
-        self.model, _, _ = load_base(cfg.model)
-        fp = fingerprint(self.model)
+        if self.sharded:
+            self.shards: sharding.ShardedBase | None = sharding.load_sharded(cfg.model)
+            self.model, model_class = self.shards.model, self.shards.class_name
+            fp = fingerprint(self.model, self.shards.head)
+        else:
+            self.shards = None
+            self.model, _, _ = load_base(cfg.model)
+            model_class = type(self.model).__name__
+            fp = fingerprint(self.model)
         files: dict[str, str] = {}
         if self.main:
             files = apply_out_dir_plan(out, action, fp)
@@ -156,7 +168,7 @@ class Run:
         self.record: dict[str, Any] = {
             "status": "running", "config": cfg.to_dict(),
             "base_model": {"name_or_path": cfg.model.name_or_path, "resolved": resolved, "fingerprint": fp,
-                           "config_sha256": config_sha, "class": type(self.model).__name__,
+                           "config_sha256": config_sha, "class": model_class,
                            "model_type": self.model.config.model_type, "note": self.source_note},
             "versions": versions(), "files": files,
         }
@@ -167,7 +179,7 @@ class Run:
                 self.record["config"]["attention"] = dataclasses.asdict(cfg.attention.with_chosen(self.choice["chosen"]))
         self._write_record()
         self.log = _Metrics(out / "metrics.jsonl") if self.main else (lambda record: None)
-        self.cached = _Cached(self.state / "evals.json")
+        self.cached = _Cached(self.state / "evals.json", write=self.main)
         self.cfg = dataclasses.replace(
             cfg, distill=dataclasses.replace(cfg.distill, max_steps=cfg.steps(cfg.distill, len(self.train))),
             lora=dataclasses.replace(cfg.lora, max_steps=cfg.steps(cfg.lora, len(self.train))))
@@ -314,9 +326,10 @@ class Run:
             return
         path = self.out / LAYER_CHOICE_FILE
         if self.choice is None:
-            if self.main:
-                write_choice(path, rank_layers(self.model, self.heldout, a.softmax_layers, a.softmax_criterion,
-                                               self.progress))
+            if self.main or self.sharded:  # forward passes: every rank of a sharded model runs them
+                ranking = rank_layers(self.model, self.heldout, a.softmax_layers, a.softmax_criterion, self.progress)
+                if self.main:
+                    write_choice(path, ranking)
             distributed.barrier()
             self.choice = self._read_choice(self.cfg)
         chosen = self.choice["chosen"]
@@ -350,9 +363,10 @@ class Run:
         c, d = self.cfg, self.cfg.data
         table = ""
         report_path = self.out / REPORT_FILE
-        if self.reporting:
+        if self.reporting:  # under sharding every rank generates the samples (the same text)
             samples = [(p, generate_text(self.final, self.tokenizer, p, c.report.sample_tokens))
                        for p in c.report.samples]
+        if self.reporting and self.main:
             if self.mse_before:
                 plot_mse(self.mse_before, self.mse_after, self.out / "attention_mse.png")
             table = write_report(report_path, {
@@ -370,5 +384,7 @@ class Run:
             })
         self.record.update(status="complete", stages=self.stages, evals=self.evals)
         self._write_record()
+        if self.shards is not None and os.environ.get(sharding.STATS_ENV):
+            self.shards.write_stats(os.environ[sharding.STATS_ENV])
         distributed.barrier()
         return RunResult(self.out, table, report_path, self.final)

@@ -37,7 +37,7 @@ STAGES = {"stage1": ATTENTION_FILE, "stage2": ADAPTER_WEIGHTS}  # each stage's r
 
 # settings of how a stage computes, not of what it computes (same weights either way): like ``threads``, a
 # resumed run may change them, e.g. to fit in memory
-HOW_NOT_WHAT = {"distill": ("activation_checkpointing",), "lora": ("activation_checkpointing",)}
+HOW_NOT_WHAT = {"model": ("sharding",), "distill": ("activation_checkpointing",), "lora": ("activation_checkpointing",)}
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -7,11 +7,15 @@ Memory: each run is its own process, `lolcats linearize RECIPE` with the report 
 (`distill.max_steps=N lora.max_steps=0`, or the other way round), activation checkpointing on or off, at each
 `data.seq_len`; its peak RSS comes from the kernel (os.wait4). One more process holds the runtime alone (Python,
 torch, transformers, peft, the tokenizer and the tokenised data; no model), which `plan` does not count: the
-prediction is plan's stage total plus what that process holds resident at its end.
+prediction is plan's stage total plus what that process holds resident at its end. Every run is made twice: with
+glibc's malloc as it is (what a user sees), and with MALLOC_MMAP_THRESHOLD_=65536, under which every freed block
+of 64 kB or more goes back to the system at once, so the peak is what the tensors themselves need (much slower:
+every large allocation faults its pages in again).
 
 Throughput: one process trains steps of each stage at the longest length with checkpointing off and on in turn
-(same model, same chunks, so the machine's load falls on both alike) and reports median seconds per step, wall
-clock and CPU time (user + system). Prints tables and writes JSON.
+(same model, same chunks, so the machine's load falls on both alike; the heap is released where the training loop
+releases it) and reports median seconds per step, wall clock and CPU time (user + system). Prints tables and
+writes JSON.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ from lolcats.config import load_config
 from lolcats.convert import convert_model, trainable_attention_parameters
 from lolcats.data import build_train_data
 from lolcats.distill import AttentionTransfer
-from lolcats.finetune import add_lora, checkpointed_layers, lora_parameters, stage2_loss
+from lolcats.finetune import _release_before_logits, add_lora, checkpointed_layers, lora_parameters, stage2_loss
 from lolcats.positions import shifted_positions
+from lolcats.training import release_heap
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
 steps = int(sys.argv[2])
@@ -80,31 +85,42 @@ with shifted_positions(model, d.max_position_offset, cfg.seed):
         for layer in transfer.layers:
             layer.activation_checkpointing = on
         opt.zero_grad(set_to_none=True)
-        transfer.loss(ids, labels)[0].backward()
+        loss = transfer.loss(ids, labels)[0]
+        release_heap()  # where lolcats.training.Trainer releases it
+        loss.backward()
         opt.step()
+        release_heap()
 
     result["stage1"] = timed(stage1, steps)
     transfer.close()
     peft_model = add_lora(model, cfg.lora, cfg.seed).train()
     opt = torch.optim.AdamW(list(lora_parameters(peft_model).values()), lr=cfg.lora.lr)
     loss_fn = stage2_loss(peft_model, cfg.lora)
+    peft_model.get_output_embeddings().register_forward_pre_hook(_release_before_logits)  # as run_stage2 does
 
     def stage2(on, ids, labels):
         opt.zero_grad(set_to_none=True)
         with checkpointed_layers(peft_model, on):
-            loss_fn(ids, labels)[0].backward()
+            loss = loss_fn(ids, labels)[0]
+            release_heap()
+            loss.backward()
         opt.step()
+        release_heap()
 
     result["stage2"] = timed(stage2, steps)
 print("TIMING " + json.dumps(result))
 """
 
 
-def run(name: str, cmd: list[str]) -> dict:
-    """Run ``cmd``; its wall time, CPU time, peak RSS (kernel accounting) and output tail. Stops on failure."""
+ALLOCATORS = {"glibc": {}, "freed at once": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+
+
+def run(name: str, cmd: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``cmd``; its wall time, CPU time, peak RSS (kernel accounting) and output. Stops on failure."""
     print(f"== {name}: {' '.join(cmd)[:200]}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
@@ -140,22 +156,24 @@ def main() -> None:
     rows = []
     for seq in args.lengths:
         lengths = [f"data.seq_len={seq}", f"data.eval_seq_len={seq}"]
-        runtime = run(f"runtime, {seq} tokens", [sys.executable, "-c", RUNTIME, args.recipe, *common, *lengths])
-        base = int(next(line for line in runtime["output"].splitlines() if line.startswith("RSS "))[4:])
         predicted = plan(load_config(args.recipe, [*common, *lengths]), recipe_dir=Path(args.recipe).parent)["memory"]
-        for stage, key, train in ((1, "stage1", [f"distill.max_steps={args.steps}", "lora.max_steps=0"]),
-                                  (2, "stage2", ["distill.max_steps=0", f"lora.max_steps={args.steps}"])):
-            section = "distill" if stage == 1 else "lora"
-            for on in (False, True):
-                name = f"stage{stage}-{seq}-{'ckpt' if on else 'nockpt'}"
-                out = [f"out_dir={work / name}", f"{section}.activation_checkpointing={str(on).lower()}"]
-                r = run(name, [*cli, *common, *lengths, *train, *out, "--overwrite"])
-                model_part = predicted[key]["with_checkpointing" if on else "without_checkpointing"]["total"]
-                rows.append({"stage": stage, "seq_len": seq, "checkpointing": on, "steps": args.steps,
-                             "peak_rss_bytes": r["peak_rss_bytes"], "runtime_rss_bytes": base,
-                             "plan_bytes": model_part, "predicted_bytes": model_part + base,
-                             "seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"]})
-                rows[-1]["measured_over_predicted"] = rows[-1]["peak_rss_bytes"] / rows[-1]["predicted_bytes"]
+        for allocator, env in ALLOCATORS.items():
+            runtime = run(f"runtime, {seq} tokens, {allocator}", [sys.executable, "-c", RUNTIME, args.recipe, *common,
+                                                                   *lengths], env)
+            base = int(next(line for line in runtime["output"].splitlines() if line.startswith("RSS "))[4:])
+            for stage, key, train in ((1, "stage1", [f"distill.max_steps={args.steps}", "lora.max_steps=0"]),
+                                      (2, "stage2", ["distill.max_steps=0", f"lora.max_steps={args.steps}"])):
+                section = "distill" if stage == 1 else "lora"
+                for on in (False, True):
+                    name = f"stage{stage}-{seq}-{'ckpt' if on else 'nockpt'}-{allocator.replace(' ', '_')}"
+                    out = [f"out_dir={work / name}", f"{section}.activation_checkpointing={str(on).lower()}"]
+                    r = run(name, [*cli, *common, *lengths, *train, *out, "--overwrite"], env)
+                    model_part = predicted[key]["with_checkpointing" if on else "without_checkpointing"]["total"]
+                    rows.append({"stage": stage, "seq_len": seq, "checkpointing": on, "allocator": allocator,
+                                 "steps": args.steps, "peak_rss_bytes": r["peak_rss_bytes"], "runtime_rss_bytes": base,
+                                 "plan_bytes": model_part, "predicted_bytes": model_part + base,
+                                 "measured_over_predicted": r["peak_rss_bytes"] / (model_part + base),
+                                 "seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"]})
     timing = None
     if args.timing_steps:
         seq = max(args.lengths)
@@ -170,19 +188,26 @@ def main() -> None:
                              "slowdown_cpu": med["on"]["cpu"] / med["off"]["cpu"]}
     import torch
 
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-              f"{platform.processor() or platform.platform()}", "torch": torch.__version__, "recipe": args.recipe,
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu}",
+              "torch": torch.__version__, "recipe": args.recipe,
               "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "common_overrides": common,
               "runs": rows, "throughput": timing}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
     gb = 1e9
-    print("\n| stage | tokens | checkpointing | peak RSS | runtime (resident) | plan | plan + runtime | measured / predicted |\n"
-          "|---|---:|---|---:|---:|---:|---:|---:|")
+    print("\n| stage | tokens | checkpointing | peak RSS: glibc / freed at once | runtime | plan | plan + runtime | "
+          "measured / predicted: glibc / freed at once |\n|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
+        if r["allocator"] != "glibc":
+            continue
+        live = next(x for x in rows if x["allocator"] != "glibc" and
+                    (x["stage"], x["seq_len"], x["checkpointing"]) == (r["stage"], r["seq_len"], r["checkpointing"]))
         print(f"| {r['stage']} | {r['seq_len']} | {'on' if r['checkpointing'] else 'off'} | "
-              f"{r['peak_rss_bytes'] / gb:.2f} GB | {r['runtime_rss_bytes'] / gb:.2f} GB | {r['plan_bytes'] / gb:.2f} GB | "
-              f"{r['predicted_bytes'] / gb:.2f} GB | {r['measured_over_predicted']:.2f} |")
+              f"{r['peak_rss_bytes'] / gb:.2f} / {live['peak_rss_bytes'] / gb:.2f} GB | {r['runtime_rss_bytes'] / gb:.2f} GB | "
+              f"{r['plan_bytes'] / gb:.2f} GB | {r['predicted_bytes'] / gb:.2f} GB | "
+              f"{r['measured_over_predicted']:.2f} / {live['measured_over_predicted']:.2f} |")
     if timing:
         print(f"\nthroughput at {timing['seq_len']} tokens, median of {timing['steps_per_setting']} steps each, off and "
               "on in turn:\n\n| stage | s/step off (wall / CPU) | s/step on (wall / CPU) | slowdown (wall / CPU) |\n"

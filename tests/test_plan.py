@@ -204,7 +204,7 @@ def test_release_heap_gives_freed_tensors_back():
     assert len(keep) == 100
 
 
-def test_stage2_releases_the_heap_before_the_logits_and_unhooks(tmp_path, monkeypatch):
+def test_stage2_releases_the_heap_between_layers_and_before_the_logits(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(finetune, "release_heap", lambda: calls.append(1))
     cfg = recipe()
@@ -213,5 +213,7 @@ def test_stage2_releases_the_heap_before_the_logits_and_unhooks(tmp_path, monkey
     chunks = Chunks(ids[:2], ids[:2].clone())
     loop = LoraConfig(r=4, max_steps=2, grad_accum=1, eval_every=2, checkpoint_every=2)
     finetune.run_stage2(model, chunks, Chunks(ids[2:], ids[2:].clone()), loop, tmp_path, 0, lambda r: None)
-    assert len(calls) == 3  # before each training step's logits and before the evaluation's
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 2 * (layers + 1) + 1  # after each checkpointed layer and before the logits, in both training
+    # steps; before the evaluation's logits (its layers run without autograd: nothing is checkpointed)
     assert not model.get_output_embeddings()._forward_pre_hooks

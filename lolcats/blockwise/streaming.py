@@ -56,6 +56,15 @@ class TensorIndex:
                     out[n] = handle.get_tensor(n)
         return out
 
+    def shape(self, name: str) -> list[int]:
+        with safe_open(str(self.where[name]), "pt") as handle:
+            return list(handle.get_slice(name).get_shape())
+
+    def rows(self, name: str, start: int, end: int, file: Path | None = None) -> Tensor:
+        """Rows ``start:end`` of tensor ``name`` (its first dimension), reading only those bytes."""
+        with safe_open(str(file or self.where[name]), "pt") as handle:
+            return handle.get_slice(name)[start:end]
+
 
 def layer_output(out: Tensor | tuple) -> Tensor:
     """The hidden states a decoder layer returns (a tensor in transformers 5, a tuple in some families)."""
