@@ -46,8 +46,8 @@ def _plan(args: argparse.Namespace) -> int:
 def _plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/llama3_1_8b.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seq_len=4096")
-    p.add_argument("--devices", type=positive_int, default=1, help="N devices a sharded run divides weights, "
-                   "gradients and optimizer state over (default 1)")
+    p.add_argument("--devices", type=positive_int, default=1, help="N devices a sharded run (model.sharding: fsdp) "
+                   "divides the base over (default 1)")
     p.add_argument("--tokens", type=positive_int, help="the training data's size in tokens (default: blockwise.tokens)")
     p.add_argument("--model-config", help="a config.json (default: blockwise.model_config or the model folder)")
     p.add_argument("--json", help="also write the plan as JSON here")

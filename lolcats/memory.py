@@ -37,6 +37,8 @@ class Shapes:
         near_linear: some of the K near keys fall in the linear part (a C × K φ product per chunk is kept).
         dtype_bytes: e, bytes per element of the base weights and of the layers' own activations.
         base_params: every frozen parameter (every expert of a mixture counts), in the model's dtype.
+        layer_params, rest_params: the frozen parameters of the largest decoder layer, and those outside the decoder
+            layers (embeddings, final norm, head; tied ones once): the units a sharded run gathers whole.
         attention_params: stage 1's trainable feature maps, window factors and decays (float32).
         lora_params, lora_rank: stage 2's adapters (float32) and r.
         lora_qkv, lora_o: LoRA targets per layer reading the attention input (3 for q/k/v, 1 for a fused qkv),
@@ -64,6 +66,8 @@ class Shapes:
     lora_rank: int
     lora_qkv: int
     lora_o: bool
+    layer_params: int = 0
+    rest_params: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -118,6 +122,13 @@ def shapes(cfg: Any, hf_config: Any, model: nn.Module) -> Shapes:
     trainable = sum(p.numel() for p in trainable_attention_parameters(model).values())
     attention_all = sum(p.numel() for m in linear for n, p in m.named_parameters() if n.split(".")[0] in TRAINABLE_KEYS)
     base = sum(p.numel() for p in model.parameters()) - attention_all
+
+    def frozen(module: nn.Module) -> int:
+        return sum(p.numel() for n, p in module.named_parameters()
+                   if not any(part in TRAINABLE_KEYS for part in n.split(".")))
+
+    in_layers = sum(frozen(layer) for layer in layers)
+    layer_params = max((frozen(layer) for layer in layers), default=0)
     targets = lora_targets(model, cfg.lora)
     lora = sum(cfg.lora.r * (m.in_features + m.out_features) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and name.split(".")[-1] in targets)
@@ -135,7 +146,7 @@ def shapes(cfg: Any, hf_config: Any, model: nn.Module) -> Shapes:
         dtype_bytes=DTYPES[cfg.model.dtype].itemsize, base_params=base, attention_params=trainable,
         lora_params=lora, lora_rank=cfg.lora.r, lora_qkv=sum(t in targets for t in ("q_proj", "k_proj", "v_proj",
                                                                                      "qkv_proj")),
-        lora_o="o_proj" in targets)
+        lora_o="o_proj" in targets, layer_params=layer_params, rest_params=base - in_layers)
 
 
 def near_keys(spec: Any) -> tuple[int, int, bool]:
@@ -231,33 +242,47 @@ def activation_bytes(s: Shapes, stage: int, tokens: int, checkpointing: bool, la
 @dataclass(frozen=True)
 class StageMemory:
     """Bytes one device holds for a stage: ``weights`` (base and trainable), ``gradients`` and ``optimizer``
-    (AdamW's two float32 moments) of the ``trainable`` parameters, and ``activations`` (one micro-batch)."""
+    (AdamW's two float32 moments) of the ``trainable`` parameters, and ``activations`` (one micro-batch).
+    ``base`` is the frozen base's part of ``weights``, the part sharding divides, and ``gathered`` what a sharded
+    rank holds whole at once: the unit outside the decoder layers (held through a forward pass) and two decoder
+    layers (the one running and the next, prefetched)."""
 
     trainable: int
     weights: float
     gradients: float
     optimizer: float
     activations: float
+    base: float = 0.0
+    gathered: float = 0.0
 
     @property
     def total(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.activations
 
     def sharded(self, devices: int) -> StageMemory:
-        """FSDP-style over ``devices``: weights, gradients and optimizer state divided, activations not."""
-        return StageMemory(self.trainable, self.weights / devices, self.gradients / devices,
-                           self.optimizer / devices, self.activations)
+        """As ``model.sharding: fsdp`` runs over ``devices`` (:mod:`lolcats.sharding`): each rank holds 1/N of the
+        base plus the rest of the units it gathers; trainable weights, their gradients and AdamW state and the
+        activations stay whole on every rank (the trainables train data-parallel)."""
+        if devices == 1 or not self.base:
+            return self
+        base = self.base / devices + self.gathered * (1 - 1 / devices)
+        return StageMemory(self.trainable, self.weights - self.base + base, self.gradients, self.optimizer,
+                           self.activations, base, self.gathered)
 
     def devices_for(self, capacity: float) -> int | None:
-        """Fewest devices of ``capacity`` bytes a sharded run fits on (None: the activations alone do not fit)."""
-        room = capacity - self.activations
-        if room <= 0:
+        """Fewest devices of ``capacity`` bytes the run fits on, sharded when one is not enough (None: what every
+        rank holds whole does not fit)."""
+        if self.total <= capacity:
+            return 1
+        room = capacity - (self.total - self.base) - self.gathered
+        if room <= 0 or not self.base:
             return None
-        return max(1, math.ceil((self.weights + self.gradients + self.optimizer) / room))
+        return max(2, math.ceil((self.base - self.gathered) / room))
 
     def to_dict(self) -> dict[str, float]:
         return {"trainable": self.trainable, "weights": self.weights, "gradients": self.gradients,
-                "optimizer": self.optimizer, "activations": self.activations, "total": self.total}
+                "optimizer": self.optimizer, "activations": self.activations, "total": self.total,
+                "base": self.base, "gathered": self.gathered}
 
 
 def stage_memory(s: Shapes, stage: int, tokens: int, checkpointing: bool, layers: int | None = None,
@@ -275,5 +300,8 @@ def stage_memory(s: Shapes, stage: int, tokens: int, checkpointing: bool, layers
     trainable = attention if stage == 1 else s.lora_params
     if stage == 2:
         weights += FP32 * s.lora_params
+    whole = layers is None  # a block of block-by-block stage 1 trains in one process, unsharded
+    gathered = s.dtype_bytes * (s.rest_params + 2 * s.layer_params) if whole else 0.0
     return StageMemory(trainable, weights, FP32 * trainable, 2 * FP32 * trainable,
-                       activation_bytes(s, stage, tokens, checkpointing, layers))
+                       activation_bytes(s, stage, tokens, checkpointing, layers),
+                       base * s.dtype_bytes if whole else 0.0, min(gathered, base * s.dtype_bytes))

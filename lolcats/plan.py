@@ -41,7 +41,7 @@ def plan(cfg: LolcatsConfig, tokens: int | None = None, model_config: str | None
             ``max_steps``).
         model_config: a config.json (default ``blockwise.model_config``, else the model's folder).
         recipe_dir: where relative ``blockwise.model_config`` paths are looked up when not found from here.
-        devices: N, the devices a sharded (FSDP-style) run divides weights, gradients and optimizer state over.
+        devices: N, the devices a sharded run (``model.sharding: fsdp``) divides the base over.
     """
     if devices < 1:
         raise ValueError(f"devices={devices} must be 1 or more")
@@ -103,8 +103,9 @@ def format_memory(p: dict[str, Any]) -> str:
                      f"{fmt_bytes(on['total'])}{star_on} / {fmt_bytes(off['total'])}{star_off} |"
                      + (f" {fmt_bytes(m['per_device']['total'])} |" if n > 1 else ""))
     need = p["memory"]["stage2"]["devices_80gb"]
-    lines += ["", "stage 2 on 80 GB devices, sharded (FSDP-style: weights, gradients and AdamW state divided; "
-              "activations per device): " + ("the activations alone do not fit" if need is None else
+    lines += ["", "stage 2 on 80 GB devices, sharded (model.sharding: fsdp; each device holds its share of the base, "
+              "the units it gathers, the trainables, their gradients, AdamW state and activations whole): "
+              + ("what every device holds whole does not fit" if need is None else
                                                "fits on one" if need == 1 else f"needs {need}"),
               "not counted: the runtime (Python and torch, a CUDA context: about 0.5 GB per process), the tokenised "
               "data, allocator slack", "",

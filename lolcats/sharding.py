@@ -1,4 +1,4 @@
-"""Sharded training with FSDP2 (``model.sharding: fsdp``; docs/design.md §5).
+"""Sharded training with FSDP2 (``model.sharding: fsdp``; docs/design.md §3).
 
 Under torchrun or ``accelerate launch`` every rank builds the base model on the meta device, shards each
 decoder layer and then the rest (embeddings, final norm, head) over the ranks with

@@ -36,16 +36,20 @@ DECAY = 0.998  # λ₀ of the combined configurations, chosen from the hand-set 
 
 
 def configs(budget: str) -> dict[str, list[str]]:
-    """Recipe overrides per configuration; the token budget is the demo's (96 + 24 chunks of 1,024) or half."""
+    """Recipe overrides per configuration; the token budget is the demo's (96 + 24 chunks of 1,024) or half.
+    The demo recipe now sets sinks, decay and position offsets itself: every configuration first turns all three
+    off, then adds its own."""
     half = budget == "half"
     s1, s2 = (48, 12) if half else (96, 24)
-    steps = [f"distill.max_steps={s1}", f"lora.max_steps={s2}", "distill.eval_every=16", "lora.eval_every=12"]
-    long = [f"distill.max_steps={s1 // 2}", f"lora.max_steps={s2 // 2}", "data.seq_len=2048",
-            "distill.eval_every=8", "lora.eval_every=6", "data.heldout_chunks=2"]
+    off = ["attention.sink_tokens=0", "attention.decay=false", "data.max_position_offset=0"]
+    steps = off + [f"distill.max_steps={s1}", f"lora.max_steps={s2}", "distill.eval_every=16", "lora.eval_every=12"]
+    long = off + [f"distill.max_steps={s1 // 2}", f"lora.max_steps={s2 // 2}", "data.seq_len=2048",
+                  "distill.eval_every=8", "lora.eval_every=6", "data.heldout_chunks=2"]
     sinks, decay = ["attention.sink_tokens=4"], ["attention.decay=true", f"attention.decay_init={DECAY}"]
     offsets = ["data.max_position_offset=7168"]  # SmolLM2: 8,192 positions − 1,024
+    offsets_long = ["data.max_position_offset=6144"]  # 8,192 − 2,048
     return {
-        "none (demo recipe)": steps,
+        "none (the previous demo recipe)": steps,
         "sinks 4": steps + sinks,
         f"decay λ₀={DECAY_ALONE}": steps + ["attention.decay=true", f"attention.decay_init={DECAY_ALONE}"],
         "2,048-token chunks": long,
@@ -53,9 +57,10 @@ def configs(budget: str) -> dict[str, list[str]]:
         f"sinks + decay λ₀={DECAY}": steps + sinks + decay,
         "position offsets": steps + offsets,
         "sinks + offsets": steps + sinks + offsets,
-        f"sinks + offsets + decay λ₀={DECAY}": steps + sinks + offsets + decay,
-        f"all: sinks + offsets + decay λ₀={DECAY} + 2,048-token chunks + KL": long + sinks + decay + ["lora.loss=kl",
-                                                                                   "data.max_position_offset=6144"],
+        f"sinks + offsets + decay λ₀={DECAY} (the demo recipe)": steps + sinks + offsets + decay,
+        f"sinks + offsets + decay λ₀={DECAY} + 2,048-token chunks": long + sinks + decay + offsets_long,
+        f"all: sinks + offsets + decay λ₀={DECAY} + 2,048-token chunks + KL": long + sinks + decay + offsets_long
+        + ["lora.loss=kl"],
     }
 
 

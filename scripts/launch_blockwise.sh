@@ -13,7 +13,8 @@
 #                  ranks and their gradients summed; lora.grad_accum must be a multiple of N)
 #
 # `accelerate launch --num_processes N -m lolcats.cli …` sets the same environment as torchrun and works too.
-# Every process holds a full replica of the model in stage 2 (plain data parallelism, no FSDP sharding yet).
+# Stage 2 holds a full replica of the base per process, or, with model.sharding: fsdp (the 70B/405B/GRIN recipes),
+# only each process's FSDP2 shard of it, read from the checkpoint's safetensors (docs/design.md §3).
 #
 # On several nodes run step 3 with torchrun's --nnodes/--node_rank/--rdzv_endpoint instead; every node must
 # see the hidden-state folder (blockwise.hidden_dir) and out_dir.

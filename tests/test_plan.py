@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lolcats import finetune, training
+from lolcats.attention import find_decoder_layers
 from lolcats.cli import main
 from lolcats.config import AttentionConfig, LolcatsConfig, LoraConfig
 from lolcats.convert import convert_model, trainable_attention_parameters
@@ -124,16 +125,30 @@ def test_skeleton_counts_equal_the_real_model(tmp_path):
     assert shapes(cfg, hf_config, meta) == shapes(cfg, model.config, model)
 
 
-def test_sharding_divides_weights_gradients_and_state_not_activations():
+def test_sharding_divides_the_base_and_keeps_gathered_units_and_trainables_whole():
     cfg = recipe()
-    model = converted(cfg)
-    m = stage_memory(shapes(cfg, model.config, model), 2, TOKENS, True)
+    model = converted(cfg, layers=12)
+    s = shapes(cfg, model.config, model)
+    layers = find_decoder_layers(model)
+    # the units lolcats.sharding gathers: one decoder layer (its frozen parameters), and everything else
+    one_layer = sum(p.numel() for p in layers[0].parameters() if not p.requires_grad)
+    assert s.layer_params == one_layer and s.rest_params == s.base_params - len(layers) * one_layer
+    m = stage_memory(s, 2, TOKENS, True)
+    e = s.dtype_bytes
+    assert m.base == s.base_params * e and m.gathered == e * (s.rest_params + 2 * s.layer_params) < m.base
     quarter = m.sharded(4)
-    assert (quarter.weights, quarter.gradients, quarter.optimizer) == (m.weights / 4, m.gradients / 4, m.optimizer / 4)
-    assert quarter.activations == m.activations
-    sharded = m.weights + m.gradients + m.optimizer
-    assert m.devices_for(m.total) == 1 and m.devices_for(m.activations + sharded / 3 + 1) == 3
-    assert m.devices_for(m.activations) is None  # nothing left for the weights
+    assert quarter.weights == m.weights - m.base + m.base / 4 + m.gathered * 3 / 4
+    assert (quarter.gradients, quarter.optimizer, quarter.activations) == (m.gradients, m.optimizer, m.activations)
+    assert m.sharded(1) == m
+    # the fewest devices on which the sharded total fits
+    for n in (2, 3, 5):
+        capacity = m.sharded(n).total + 1
+        assert m.devices_for(capacity) == n and m.sharded(n - 1).total > capacity
+    assert m.devices_for(m.total) == 1
+    assert m.devices_for(m.total - m.base + m.gathered) is None  # what every rank holds whole leaves no room
+    # a block of block-by-block stage 1 trains in one process: nothing to divide
+    block = stage_memory(s, 1, TOKENS, True, layers=1, base_params=one_layer)
+    assert block.sharded(4) == block and block.base == 0
 
 
 # ------------------------------------------------------------------------------------------------ activations
@@ -181,8 +196,10 @@ def test_plan_and_its_blockwise_alias_print_the_same(capsys, tmp_path):
     p = json.loads((tmp_path / "70b.json").read_text())
     two = p["memory"]["stage2"]
     assert "total per device on 8 (sharded)" in out and f"needs {two['devices_80gb']}" in out
-    assert two["per_device"]["weights"] == two["with_checkpointing"]["weights"] / 8
-    assert two["devices_80gb"] == 2 and "= 13.11 TB" in out  # 141.6 GB of weights; the block-by-block disk as before
+    on = two["with_checkpointing"]
+    assert two["per_device"]["weights"] == pytest.approx(on["weights"] - on["base"] * 7 / 8 + on["gathered"] * 7 / 8)
+    assert 17e9 < two["per_device"]["weights"] < 27e9  # 141.6 GB / 8, plus embeddings, head and two layers gathered
+    assert two["devices_80gb"] == 2 and "= 13.11 TB" in out  # the block-by-block disk as before
 
 
 # ------------------------------------------------------------------------------------------------ freed memory
