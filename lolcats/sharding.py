@@ -152,6 +152,7 @@ def load_sharded(cfg: ModelConfig) -> ShardedBase:
     meta device, one FSDP unit per decoder layer and one for the rest, and filled with this rank's rows of each
     weight read from the checkpoint's safetensors. In eval mode, every weight frozen."""
     from accelerate import init_empty_weights
+    from safetensors import safe_open
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -188,16 +189,17 @@ def load_sharded(cfg: ModelConfig) -> ShardedBase:
         for name, p in model.named_parameters():
             by_file.setdefault(index.where[sources[name]], []).append((name, p))
         for f, params in by_file.items():
-            for name, p in params:
-                shard = p.to_local() if isinstance(p, DTensor) else p
-                start, end = _rows(p.shape[0], rank, world) if isinstance(p, DTensor) else (0, p.shape[0])
-                if shard.shape[0] != end - start:
-                    raise RuntimeError(f"{name}: FSDP gave rank {rank} {shard.shape[0]} rows, not rows {start}–{end}; "
-                                       "this torch shards otherwise than lolcats reads (please report it)")
-                if shard.numel():
-                    shard.copy_(index.rows(sources[name], start, end, file=f))
-                local += shard.numel() * shard.element_size()
-                full += p.numel() * p.element_size()
+            with safe_open(str(f), "pt") as handle:  # each file opened once, each weight read as this rank's rows
+                for name, p in params:
+                    shard = p.to_local() if isinstance(p, DTensor) else p
+                    start, end = _rows(p.shape[0], rank, world) if isinstance(p, DTensor) else (0, p.shape[0])
+                    if shard.shape[0] != end - start:
+                        raise RuntimeError(f"{name}: FSDP gave rank {rank} {shard.shape[0]} rows, not rows "
+                                           f"{start}–{end}; this torch shards otherwise than lolcats reads (please report it)")
+                    if shard.numel():
+                        shard.copy_(index.rows(sources[name], start, end, handle=handle))
+                    local += shard.numel() * shard.element_size()
+                    full += p.numel() * p.element_size()
     logger.info("rank %d of %d holds %.1f of the base's %.1f MB (sharded, FSDP2)", rank, world, local / 1e6, full / 1e6)
     base = ShardedBase(model, class_name, index, sources, local, full)
     if os.environ.get(STATS_ENV):

@@ -60,10 +60,13 @@ class TensorIndex:
         with safe_open(str(self.where[name]), "pt") as handle:
             return list(handle.get_slice(name).get_shape())
 
-    def rows(self, name: str, start: int, end: int, file: Path | None = None) -> Tensor:
-        """Rows ``start:end`` of tensor ``name`` (its first dimension), reading only those bytes."""
-        with safe_open(str(file or self.where[name]), "pt") as handle:
+    def rows(self, name: str, start: int, end: int, handle=None) -> Tensor:
+        """Rows ``start:end`` of tensor ``name`` (its first dimension), reading only those bytes; ``handle``: the
+        already open ``safe_open`` of the file that holds it (one open per file when reading many tensors)."""
+        if handle is not None:
             return handle.get_slice(name)[start:end]
+        with safe_open(str(self.where[name]), "pt") as opened:
+            return opened.get_slice(name)[start:end]
 
 
 def layer_output(out: Tensor | tuple) -> Tensor:
