@@ -49,7 +49,8 @@ from lolcats.config import load_config
 from lolcats.convert import convert_model, trainable_attention_parameters
 from lolcats.data import build_train_data
 from lolcats.distill import AttentionTransfer
-from lolcats.finetune import _release_before_logits, add_lora, checkpointed_layers, lora_parameters, stage2_loss
+from lolcats.finetune import (_release_before_logits, add_lora, checkpointed_layers, heap_released_per_layer,
+                              lora_parameters, stage2_loss)
 from lolcats.positions import shifted_positions
 from lolcats.training import release_heap
 
@@ -100,7 +101,7 @@ with shifted_positions(model, d.max_position_offset, cfg.seed):
 
     def stage2(on, ids, labels):
         opt.zero_grad(set_to_none=True)
-        with checkpointed_layers(peft_model, on):
+        with checkpointed_layers(peft_model, on), heap_released_per_layer(peft_model, not on):  # as run_stage2
             loss = loss_fn(ids, labels)[0]
             release_heap()
             loss.backward()

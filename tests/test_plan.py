@@ -221,16 +221,19 @@ def test_release_heap_gives_freed_tensors_back():
     assert len(keep) == 100
 
 
-def test_stage2_releases_the_heap_between_layers_and_before_the_logits(tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_stage2_releases_the_heap_between_layers_and_before_the_logits(tmp_path, monkeypatch, checkpointing):
     calls = []
     monkeypatch.setattr(finetune, "release_heap", lambda: calls.append(1))
     cfg = recipe()
     model = add_lora(converted(cfg), cfg.lora, 0)
     ids = torch.randint(0, model.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(0))
     chunks = Chunks(ids[:2], ids[:2].clone())
-    loop = LoraConfig(r=4, max_steps=2, grad_accum=1, eval_every=2, checkpoint_every=2)
+    loop = LoraConfig(r=4, max_steps=2, grad_accum=1, eval_every=2, checkpoint_every=2,
+                      activation_checkpointing=checkpointing)
     finetune.run_stage2(model, chunks, Chunks(ids[2:], ids[2:].clone()), loop, tmp_path, 0, lambda r: None)
     layers = model.config.num_hidden_layers
-    assert len(calls) == 2 * (layers + 1) + 1  # after each checkpointed layer and before the logits, in both training
-    # steps; before the evaluation's logits (its layers run without autograd: nothing is checkpointed)
+    assert len(calls) == 2 * (layers + 1) + 1  # after each layer's forward (checkpointed or not) and before the
+    # logits, in both training steps; before the evaluation's logits (its layers run without autograd: no release)
     assert not model.get_output_embeddings()._forward_pre_hooks
+    assert not any(layer._forward_hooks for layer in finetune.find_decoder_layers(model))
