@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lolcats.attention import LolcatsAttention, token_validity
+from lolcats.attention import LolcatsAttention, find_decoder_layers, token_validity
 from lolcats.config import DistillConfig
 from lolcats.convert import replace_linearized, restore_linearized, trainable_attention_parameters
 from lolcats.data import Chunks
-from lolcats.training import StageResult, StageSpec, Trainer
+from lolcats.training import StageResult, StageSpec, Trainer, release_heap
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,10 @@ class TransferAttention(nn.Module):
         return -(teacher * student.clamp(min=1e-12).log()).sum(-1).mean()
 
 
+def _release_after_layer(module: nn.Module, args: tuple, output: object) -> None:
+    release_heap()
+
+
 class ModelRunner:
     """Runs the whole converted model on token ids (B, T): joint stage 1's runner."""
 
@@ -149,8 +153,14 @@ class AttentionTransfer:
         if not self.layers:
             raise ValueError("the model has no linearized layers to train; convert it first")
         self.total = total_layers or len(self.layers)
+        # each decoder layer's pass ends by handing the heap's free pages back: the teacher's and the student's
+        # freed intermediates would otherwise stay resident between the few tensors each layer keeps (SmolLM2 at
+        # 1,024 tokens with checkpointing: peak 1.58 -> 1.50 GB; docs/memory.md)
+        self._hooks = [layer.register_forward_hook(_release_after_layer) for layer in find_decoder_layers(model)]
 
     def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
         restore_linearized(self.model)
 
     def _forward(self, inputs: Tensor) -> list[Tensor]:

@@ -222,6 +222,23 @@ def test_release_heap_gives_freed_tensors_back():
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
+def test_stage1_releases_the_heap_after_each_layer_and_not_after_close(monkeypatch, checkpointing):
+    from lolcats import distill
+
+    calls = []
+    monkeypatch.setattr(distill, "release_heap", lambda: calls.append(1))
+    model = converted(recipe(), layers=3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    transfer = AttentionTransfer(model, replace(LolcatsConfig().distill, activation_checkpointing=checkpointing))
+    loss = transfer.loss(ids)[0]
+    assert len(calls) == 3  # one per decoder layer's forward
+    loss.backward()
+    transfer.close()
+    model(ids)
+    assert len(calls) == 3 and not any(layer._forward_hooks for layer in find_decoder_layers(model))
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
 def test_stage2_releases_the_heap_between_layers_and_before_the_logits(tmp_path, monkeypatch, checkpointing):
     calls = []
     monkeypatch.setattr(finetune, "release_heap", lambda: calls.append(1))
