@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -56,6 +57,30 @@ def release_heap() -> bool:
     (docs/memory.md). Called between a step's passes; the cost is refaulting the pages the next pass reuses."""
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_resident_after_release = 0
+
+
+def _resident() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def release_heap_if_grown(growth: int) -> bool:
+    """:func:`release_heap` once the process's resident memory has grown by ``growth`` bytes since the last
+    release made here: for hooks that run often (after each decoder layer), where releasing every time would
+    refault the same pages again and again. False where there is nothing to release or no /proc."""
+    global _resident_after_release
+    if _malloc_trim() is None:
+        return False
+    now = _resident()
+    if now - _resident_after_release < growth:
+        return False
+    released = release_heap()
+    _resident_after_release = _resident()
+    return released
 
 
 class TrainingError(RuntimeError):

@@ -221,17 +221,34 @@ def test_release_heap_gives_freed_tensors_back():
     assert len(keep) == 100
 
 
+@pytest.mark.skipif(training._malloc_trim() is None, reason="glibc malloc_trim only")
+def test_release_heap_if_grown_waits_for_the_growth():
+    training.release_heap()
+    training.release_heap_if_grown(0)  # the mark: what is resident now
+    assert not training.release_heap_if_grown(1 << 40)
+    keep, junk = [], []
+    for i in range(800):
+        (keep if i % 8 == 7 else junk).append(torch.ones(25_000))  # 80 MB, 70 of them freed below
+    del junk
+    assert not training.release_heap_if_grown(200 << 20)  # grew by ~80 MB only
+    before = _rss()
+    assert training.release_heap_if_grown(40 << 20)
+    assert _rss() < before - 40e6, (before, _rss())
+    assert not training.release_heap_if_grown(40 << 20)  # nothing grown since
+    assert len(keep) == 100
+
+
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_stage1_releases_the_heap_after_each_layer_and_not_after_close(monkeypatch, checkpointing):
     from lolcats import distill
 
     calls = []
-    monkeypatch.setattr(distill, "release_heap", lambda: calls.append(1))
+    monkeypatch.setattr(distill, "release_heap_if_grown", lambda growth: calls.append(growth))
     model = converted(recipe(), layers=3)
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     transfer = AttentionTransfer(model, replace(LolcatsConfig().distill, activation_checkpointing=checkpointing))
     loss = transfer.loss(ids)[0]
-    assert len(calls) == 3  # one per decoder layer's forward
+    assert calls == [distill.RELEASE_GROWTH] * 3  # one per decoder layer's forward
     loss.backward()
     transfer.close()
     model(ids)
