@@ -119,12 +119,13 @@ def test_killed_rank_resumes_to_the_uninterrupted_sharded_weights(runs, tmp_path
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_70b_recipe_pipeline_on_the_tiny_model(tmp_path):
-    """The 70B recipe's own commands (block-by-block stage 1 on two ranks, then `blockwise stitch` with a sharded
-    stage 2 on two ranks), its keys changed only to point at a tiny Llama and local text."""
+@pytest.mark.parametrize("name", ["llama3_1_70b", "llama3_1_405b"])
+def test_big_recipe_pipeline_on_the_tiny_model(tmp_path, name):
+    """The 70B / 405B recipe's own commands (block-by-block stage 1 on two ranks, then `blockwise stitch` with a
+    sharded stage 2 on two ranks), its keys changed only to point at a tiny Llama and local text."""
     make_tiny_model_folder(tmp_path / "base", num_hidden_layers=4)
     make_corpus(tmp_path / "train", docs=8, words=200)
-    r = yaml.safe_load((REPO / "recipes" / "llama3_1_70b.yaml").read_text())
+    r = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
     assert r["model"]["sharding"] == "fsdp"
     overrides = [f"out_dir={tmp_path / 'out'}", f"model.name_or_path={tmp_path / 'base'}", "model.device=cpu",
                  "model.dtype=float32", "threads=1", f"data.train={tmp_path / 'train'}",
@@ -134,7 +135,7 @@ def test_70b_recipe_pipeline_on_the_tiny_model(tmp_path):
                  "lora.checkpoint_every=1", "attention.window_size=8", "attention.feature_dim=8",
                  "blockwise.block_size=2", "blockwise.shard_dtype=float32", "blockwise.chunks_per_shard=16",
                  "blockwise.model_config=", "report.sample_tokens=2"]
-    recipe = str(REPO / "recipes" / "llama3_1_70b.yaml")
+    recipe = str(REPO / "recipes" / f"{name}.yaml")
     subprocess.run([sys.executable, "-m", "lolcats.cli", "blockwise", "precompute", recipe, *overrides], check=True,
                    cwd=REPO, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     train = _torchrun(["blockwise", "train", recipe, *overrides])
