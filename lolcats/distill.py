@@ -158,7 +158,8 @@ class AttentionTransfer:
         self.total = total_layers or len(self.layers)
         # after a decoder layer's pass, once the process has grown by RELEASE_GROWTH, the heap's free pages go
         # back: the teacher's and the student's freed intermediates would otherwise stay resident between the
-        # tensors each layer keeps (SmolLM2 at 1,024 tokens: peak 3.56 -> 3.00 GB, with checkpointing 1.58 -> 1.50)
+        # tensors each layer keeps (SmolLM2 at 1,024 tokens: peak 3.56 -> 3.08 GB, with checkpointing 1.62 -> 1.54;
+        # docs/memory.md)
         self._hooks = [layer.register_forward_hook(_release_after_layer) for layer in find_decoder_layers(model)]
 
     def close(self) -> None:
