@@ -32,6 +32,9 @@ class AttentionConfig:
         decay_init: λ₀, the initial decay of every head, in (0, 1).
         sparse_cache: G, per layer and key/value head at most G key/value pairs that left the window and that the
             linear state recalls worst stay in the exact set (a sparse global cache; 0 = none; docs/retrieval.md).
+        sparse_cache_training: train with the sparse cache in place (true), or train without it and add it to the
+            finished model (false: the cache is then an inference-time setting, the trained weights are those of
+            ``sparse_cache: 0`` and a finished run may change G and resume).
         softmax_layers: N, keep the N layers whose restoring helps most (measured after stage 1) as softmax
             attention; ``skip_layers`` given by hand wins (0 = none).
         softmax_criterion: what ranks the layers for ``softmax_layers`` (:data:`lolcats.layer_choice.CRITERIA`):
@@ -55,6 +58,7 @@ class AttentionConfig:
     decay: bool = False
     decay_init: float = 0.999
     sparse_cache: int = 0
+    sparse_cache_training: bool = True
     softmax_layers: int = 0
     softmax_criterion: str = "kl_drop"
     skip_layers: list[int] = field(default_factory=list)
@@ -88,6 +92,13 @@ class AttentionConfig:
             raise ValueError(f"attention.skip_layers_chosen=true with skip_layers={self.skip_layers} and softmax_layers="
                              f"{self.softmax_layers}: lolcats writes skip_layers_chosen when it chose softmax_layers "
                              "layers after stage 1; leave it out of a recipe (give softmax_layers, or skip_layers by hand)")
+
+    def training(self) -> AttentionConfig:
+        """The attention the stages train: without the sparse cache when it is added only after training
+        (``sparse_cache_training: false``)."""
+        if self.sparse_cache_training or not self.sparse_cache:
+            return self
+        return dataclasses.replace(self, sparse_cache=0)
 
     def recipe(self) -> AttentionConfig:
         """This section as a recipe gives it: a ``skip_layers`` the layer choice derived is dropped, so a rerun of

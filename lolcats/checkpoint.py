@@ -39,8 +39,9 @@ from lolcats.sources import resolve_model
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 4  # 2: format marker, sha256 of every result file, base config sha256; 3: sinks, decay;
-# 4: softmax layers chosen from data (layer_choice.json, attention.skip_layers_chosen), attention.sparse_cache
+FORMAT_VERSION = 5  # 2: format marker, sha256 of every result file, base config sha256; 3: sinks, decay;
+# 4: softmax layers chosen from data (layer_choice.json, attention.skip_layers_chosen), attention.sparse_cache;
+# 5: attention.sparse_cache_training
 FORMAT_MARKER = "lolcats-out-dir"
 CONFIG_FILE = "lolcats_config.json"
 ATTENTION_FILE = "attention.safetensors"

@@ -106,7 +106,7 @@ def skeleton(cfg: Any, model_config: str | None = None, recipe_dir: Path | None 
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust)
     model.tie_weights()  # outside init_empty_weights, which would re-create the tied tensor as a second one
     with init_empty_weights(), torch.device("meta"):
-        convert_model(model, cfg.attention)
+        convert_model(model, cfg.attention.training())  # what the stages train
     return hf_config, str(source), model
 
 

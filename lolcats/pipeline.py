@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lolcats import distributed, sharding
+from lolcats.attention import set_sparse_cache
 from lolcats.base_model import base_config, config_sha256, fingerprint, load_base, load_tokenizer, pick_device
 from lolcats.checkpoint import (
     ATTENTION_FILE,
@@ -193,9 +194,10 @@ class Run:
         if self.main:
             write_run_config(self.out, self.record)
 
-    def measure(self, key: str, window: int | None = None, sinks: int = 0) -> None:
-        """Held-out perplexities of the model as it is now (cached in train_state/ for a resumed run); with
-        ``window`` (and ``sinks``) a softmax model sees only that many recent keys (and the first tokens)."""
+    def measure(self, key: str, window: int | None = None, sinks: int = 0, tag: str = "") -> None:
+        """Held-out perplexities of the model as it is now (cached in train_state/ for a resumed run, under ``key``
+        and ``tag``); with ``window`` (and ``sinks``) a softmax model sees only that many recent keys (and the first
+        tokens)."""
         if not self.reporting:
             return
 
@@ -210,7 +212,7 @@ class Run:
             self.progress.end()
             return {**result, "sinks": sinks} if sinks else result
 
-        self.evals[key] = self.cached.get(key if not sinks else f"{key} {sinks}", compute)
+        self.evals[key] = self.cached.get((key if not sinks else f"{key} {sinks}") + tag, compute)
         self.log({"eval": key, **self.evals[key]})
 
     @functools.cached_property
@@ -241,15 +243,16 @@ class Run:
 
     def long_context(self) -> None:
         """The final model's perplexity by position on long windows and passkey accuracy (``report.long_context``)."""
+        tag = self.add_inference_cache()
         if self._long is not None:
-            self._long.perplexity("final", self.final)
-            self._long.passkey("final", self.final)
+            self._long.perplexity("final", self.final, tag=tag)
+            self._long.passkey("final", self.final, tag=tag)
             self.evals["long_context"] = self._long.results
 
     def convert(self) -> None:
         """Swap every attention layer (per-layer seeded feature maps) and measure the untrained conversion."""
         a = self.cfg.attention
-        convert_model(self.model, a, seed=self.cfg.seed)
+        convert_model(self.model, a.training(), seed=self.cfg.seed)  # a sparse cache added after training waits
         if a.softmax_layers and not a.skip_layers:  # native-window layers kept as they are do not count
             check_softmax_layers(a.softmax_layers, len(linearized_ids(self.model)), "linearized layers")
         self.measure("converted")
@@ -356,13 +359,23 @@ class Run:
                                                              self.progress.update)),
                     lambda: save_adapter(peft_model, self.out), lambda: load_adapter_weights(peft_model, self.out))
         peft_model.eval()
-        self.measure("stage2")
+        self.measure("stage2", tag=self.add_inference_cache())
+
+    def add_inference_cache(self) -> str:
+        """Give the trained model the sparse cache that ``attention.sparse_cache_training: false`` keeps out of
+        training; returns the tag under which measurements of the model with it are cached ("" when none)."""
+        a = self.cfg.attention
+        if a.training().sparse_cache == a.sparse_cache:
+            return ""
+        set_sparse_cache(self.final, a.sparse_cache)
+        return f" sparse_cache {a.sparse_cache}"
 
     def finish(self) -> RunResult:
         """Write report.md (when enabled) and mark the run complete."""
         c, d = self.cfg, self.cfg.data
         table = ""
         report_path = self.out / REPORT_FILE
+        self.add_inference_cache()
         if self.reporting:  # under sharding every rank generates the samples (the same text)
             samples = [(p, generate_text(self.final, self.tokenizer, p, c.report.sample_tokens))
                        for p in c.report.samples]

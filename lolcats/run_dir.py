@@ -44,10 +44,13 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     """The config a resumed run must share; the base itself is compared by fingerprint, not by name. Keys a
     later lolcats added are filled with their defaults, which keep the older behaviour; softmax layers the layer
     choice derived after stage 1 (``attention.skip_layers_chosen``) are not part of it: the recipe gave only
-    ``attention.softmax_layers``; nor are the settings of :data:`HOW_NOT_WHAT`."""
+    ``attention.softmax_layers``; nor is a sparse cache added after training (``attention.sparse_cache_training:
+    false``), nor the settings of :data:`HOW_NOT_WHAT`."""
     try:
         c = LolcatsConfig.from_dict(cfg)
         cfg = dataclasses.replace(c, attention=c.attention.recipe()).to_dict()
+        # a sparse cache added only after training is not part of what the stages train
+        cfg["attention"] |= {"sparse_cache": c.attention.training().sparse_cache, "sparse_cache_training": True}
     except (ValueError, TypeError):
         pass  # compared as written: it differs from any valid config
     out = {k: v for k, v in cfg.items() if k not in ("out_dir", "threads", "report")}
@@ -58,7 +61,7 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-RESUMABLE = (2, 3, FORMAT_VERSION)  # formats 2 and 3 lack only options added since, whose defaults keep their behaviour
+RESUMABLE = (2, 3, 4, FORMAT_VERSION)  # formats 2-4 lack only options added since, whose defaults keep their behaviour
 
 # what a run writes into its out_dir; a run that never finished a training step may be started again
 # with another config, and these are what is removed then

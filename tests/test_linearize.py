@@ -38,7 +38,7 @@ def test_out_dir_layout_and_report(finished):
     out = root / "out"
     assert EXPECTED_FILES <= {p.name for p in out.iterdir()}
     record = json.loads((out / "lolcats_config.json").read_text())
-    assert record["status"] == "complete" and record["format_version"] == 4 and record["format"] == "lolcats-out-dir"
+    assert record["status"] == "complete" and record["format_version"] == 5 and record["format"] == "lolcats-out-dir"
     from lolcats.io import sha256_file
 
     assert record["files"] == {name: sha256_file(out / name)

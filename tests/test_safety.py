@@ -208,18 +208,20 @@ def test_format_1_out_dir_loads_but_is_not_resumed(run_copy, capsys):
 
 CHECKPOINTING = (("distill", ("activation_checkpointing",)), ("lora", ("activation_checkpointing",)))
 NEWER_KEYS = {  # keys each format's records lack (options added since)
-    4: CHECKPOINTING,
-    3: (("attention", ("sparse_cache", "softmax_layers", "softmax_criterion", "skip_layers_chosen")), *CHECKPOINTING),
-    2: (("attention", ("sparse_cache", "softmax_layers", "softmax_criterion", "skip_layers_chosen", "sink_tokens",
-                       "decay", "decay_init")), ("lora", ("loss", "kl_temperature", "activation_checkpointing")),
-        ("distill", ("activation_checkpointing",))),
+    4: (("attention", ("sparse_cache_training",)), *CHECKPOINTING),
+    3: (("attention", ("sparse_cache", "sparse_cache_training", "softmax_layers", "softmax_criterion",
+                       "skip_layers_chosen")), *CHECKPOINTING),
+    2: (("attention", ("sparse_cache", "sparse_cache_training", "softmax_layers", "softmax_criterion",
+                       "skip_layers_chosen", "sink_tokens", "decay", "decay_init")),
+        ("lora", ("loss", "kl_temperature", "activation_checkpointing")), ("distill", ("activation_checkpointing",))),
 }
 
 
 @pytest.mark.parametrize("version", [2, 3, 4])
 def test_older_out_dir_loads_and_resumes(run_copy, capsys, version):
     """A format-2 record (before sinks and decay), a format-3 record (before softmax layers chosen from data and
-    the sparse cache) or a format-4 one written before activation checkpointing has none of the newer keys: it
+    the sparse cache) or a format-4 one (before ``sparse_cache_training``, some before activation checkpointing)
+    has none of the newer keys: it
     loads as it was and a rerun of the same recipe resumes it (finished, nothing retrained) instead of calling it
     another config."""
     out = run_copy / "out"
@@ -238,7 +240,7 @@ def test_older_out_dir_loads_and_resumes(run_copy, capsys, version):
     attention = (out / ATT).read_bytes()
     assert main(["linearize", str(run_copy / "recipe.yaml")]) == 0, capsys.readouterr().err
     assert (out / ATT).read_bytes() == attention
-    assert json.loads((out / "lolcats_config.json").read_text())["format_version"] == 4
+    assert json.loads((out / "lolcats_config.json").read_text())["format_version"] == 5
 
 
 def test_activation_checkpointing_may_change_on_resume(run_copy, capsys):

@@ -118,3 +118,47 @@ def test_cli_sparse_cache_and_softmax_layers_flags(tiny_run, tmp_path, capsys):
     assert len({plain, cached, some, both, every}) == 5
     assert main(["eval", "ppl", out, "--data", data, "--softmax-layers", "0", "7"]) == 2
     assert "--softmax-layers 7" in capsys.readouterr().err
+
+
+def test_a_sparse_cache_added_after_training(tiny_run):
+    """``attention.sparse_cache_training: false`` trains exactly the weights of no cache, gives the finished model
+    (and the loaded out_dir) the cache, measures it with the cache, and lets a finished run change G and resume
+    without training again; training with the cache in place is another config."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from lolcats.attention import LolcatsAttention
+    from lolcats.checkpoint import CheckpointError, load
+    from lolcats.config import load_config
+    from lolcats.pipeline import linearize
+
+    recipe, root = tiny_run
+    common = ["attention.chunk_size=8", "data.eval_seq_len=96"]
+
+    def run(out: str, *extra: str):
+        return linearize(load_config(str(recipe), [f"out_dir={root / out}", *common, *extra]))
+
+    run("plain")
+    run("late", "attention.sparse_cache=2", "attention.sparse_cache_training=false")
+    plain, late = root / "plain", root / "late"
+    for name in ("attention.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(plain / name)), load_file(str(late / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((late / "lolcats_config.json").read_text())
+    assert record["format_version"] == 5
+    assert (record["config"]["attention"]["sparse_cache"], record["config"]["attention"]["sparse_cache_training"]) == (2, False)
+    evals = {o: json.loads((root / o / "lolcats_config.json").read_text())["evals"] for o in ("plain", "late")}
+    assert evals["late"]["stage1"] == evals["plain"]["stage1"]  # stage 1 is measured as trained
+    assert evals["late"]["stage2"] != evals["plain"]["stage2"]  # the finished model has the cache
+    layers = [m for m in load(late).modules() if isinstance(m, LolcatsAttention)]
+    assert layers and all(m.spec.sparse == 2 for m in layers)
+    # another G after training: the run resumes (nothing trained again), records and measures the new G
+    trained = (late / "metrics.jsonl").read_text().count('"stage": "stage')
+    run("late", "attention.sparse_cache=3", "attention.sparse_cache_training=false")
+    again = json.loads((late / "lolcats_config.json").read_text())
+    assert (late / "metrics.jsonl").read_text().count('"stage": "stage') == trained
+    assert again["config"]["attention"]["sparse_cache"] == 3 and again["evals"]["stage2"] != evals["late"]["stage2"]
+    assert all(m.spec.sparse == 3 for m in load(late).modules() if isinstance(m, LolcatsAttention))
+    with pytest.raises(CheckpointError, match=r"another config \(differs in attention.sparse_cache\)"):
+        run("late", "attention.sparse_cache=3")  # in training: other weights

@@ -51,7 +51,7 @@ def _block_model(cfg: LolcatsConfig, sm: StreamingModel, layer_ids: range) -> At
     None when the block has no linearized layer."""
     for i in layer_ids:
         sm.materialize(sm.layers[i])
-    convert_model(sm.model, cfg.attention, seed=cfg.seed)
+    convert_model(sm.model, cfg.attention.training(), seed=cfg.seed)
     linearized = {a.layer_idx for a in linearized_layers(sm.model)}  # L of the whole model
     if not linearized & set(layer_ids):
         return None

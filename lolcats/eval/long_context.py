@@ -76,8 +76,9 @@ class LongContext:
                                               c.long_context_windows)
         return self._chunks
 
-    def perplexity(self, key: str, model: nn.Module, window: int | None = None, sinks: int = 0) -> dict:
-        """Perplexity by position of ``model`` (a softmax one seeing only ``window`` keys + ``sinks`` when given)."""
+    def perplexity(self, key: str, model: nn.Module, window: int | None = None, sinks: int = 0, tag: str = "") -> dict:
+        """Perplexity by position of ``model`` (a softmax one seeing only ``window`` keys + ``sinks`` when given),
+        cached under ``key`` and ``tag``."""
         def compute() -> dict:
             chunks = self.chunks()
             self.progress.start(f"long-context ppl {key}", len(chunks), unit="window")
@@ -86,12 +87,13 @@ class LongContext:
             return {"ppl": r["ppl"], "tokens": r["tokens"], "by_position": r["by_position"],
                     "window": window, "sinks": sinks if window is not None else None}
 
-        cache_key = f"{self._tag()}/ppl/{key}" + (f" w{window}+{sinks}" if window is not None else "")
+        cache_key = f"{self._tag()}/ppl/{key}" + (f" w{window}+{sinks}" if window is not None else "") + tag
         self.results["perplexity"][key] = result = self.cached(cache_key, compute)
         return result
 
-    def passkey(self, key: str, model: nn.Module) -> dict:
-        """Passkey accuracy of ``model`` by prompt length (needle depths :data:`DEPTHS`)."""
+    def passkey(self, key: str, model: nn.Module, tag: str = "") -> dict:
+        """Passkey accuracy of ``model`` by prompt length (needle depths :data:`DEPTHS`), cached under ``key`` and
+        ``tag``."""
         c = self.cfg
 
         def compute() -> dict:
@@ -112,7 +114,7 @@ class LongContext:
             return {"accuracy": r["accuracy"], "by_length": r["by_length"], "grid": r["grid"],
                     "cache_bytes": r["cache_bytes"], "runs": r["runs"]}
 
-        cache_key = f"passkey {c.passkey_lengths} x{c.passkey_trials}/{key}"
+        cache_key = f"passkey {c.passkey_lengths} x{c.passkey_trials}/{key}{tag}"
         self.results["passkey"][key] = result = self.cached(cache_key, compute)
         return result
 
