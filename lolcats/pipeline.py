@@ -195,9 +195,8 @@ class Run:
             write_run_config(self.out, self.record)
 
     def measure(self, key: str, window: int | None = None, sinks: int = 0, tag: str = "") -> None:
-        """Held-out perplexities of the model as it is now (cached in train_state/ for a resumed run, under ``key``
-        and ``tag``); with ``window`` (and ``sinks``) a softmax model sees only that many recent keys (and the first
-        tokens)."""
+        """Held-out perplexities of the model as it is now (cached in train_state/ under ``key`` + ``tag``); with
+        ``window`` (and ``sinks``) a softmax model sees only that many recent keys (and the first tokens)."""
         if not self.reporting:
             return
 
@@ -362,13 +361,11 @@ class Run:
         self.measure("stage2", tag=self.add_inference_cache())
 
     def add_inference_cache(self) -> str:
-        """Give the trained model the sparse cache that ``attention.sparse_cache_training: false`` keeps out of
-        training; returns the tag under which measurements of the model with it are cached ("" when none)."""
+        """Give the trained model a sparse cache kept out of training; returns the tag its measurements are cached under."""
         a = self.cfg.attention
-        if a.training().sparse_cache == a.sparse_cache:
-            return ""
-        set_sparse_cache(self.final, a.sparse_cache)
-        return f" sparse_cache {a.sparse_cache}"
+        if a.training().sparse_cache != a.sparse_cache:
+            set_sparse_cache(self.final, a.sparse_cache)
+        return "" if a.training().sparse_cache == a.sparse_cache else f" sparse_cache {a.sparse_cache}"
 
     def finish(self) -> RunResult:
         """Write report.md (when enabled) and mark the run complete."""

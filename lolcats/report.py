@@ -124,10 +124,16 @@ def write_report(path: Path, info: dict[str, Any]) -> str:
     parts = [f"# lolcats report: {info['model']}", ""]
     if info.get("source_note"):
         parts += [f"Base model: {info['source_note']}.", ""]
+    a = info["attention"]
+    extras = ([f"{a['sink_tokens']} sink tokens"] if a.get("sink_tokens") else []) + (
+        [f"decay (λ₀ {a['decay_init']})"] if a.get("decay") else []) + (
+        [f"a sparse cache of {a['sparse_cache']} pairs per key/value head" + (
+            "" if a.get("sparse_cache_training", True) else " added after training (the stage-1 row is without it)")]
+        if a.get("sparse_cache") else [])
     parts += [
-        f"Variant `{info['attention']['variant']}`, window {info['attention']['window_size']}, feature map "
-        f"`{info['attention']['feature_map']}` (f = {info['attention']['feature_dim']}, init "
-        f"`{info['attention']['feature_init']}`). Created {info['date']} on {info['machine']}.", "",
+        f"Variant `{a['variant']}`, window {a['window_size']}, feature map `{a['feature_map']}` (f = "
+        f"{a['feature_dim']}, init `{a['feature_init']}`){''.join('; ' + e for e in extras)}. Created {info['date']} "
+        f"on {info['machine']}.", "",
         "## Held-out perplexity", "",
         f"In-domain: {info['in_domain_desc']}. Out-of-domain: {info['out_of_domain_desc']}. "
         "Gap closure is in log-perplexity, from the sliding-window-only baseline toward the original: "

@@ -71,7 +71,7 @@ def attention_options(out_dir: str, sparse: int | None, softmax: list[int] = ())
     a = record["config"]["attention"]
     keep = ("variant", "window_size", "sink_tokens", "decay", "decay_init")
     opts = [f"{k}={json.dumps(a[k])}" for k in keep if k in a]
-    skip = sorted({*a.get("skip_layers", []), *a.get("skip_layers_chosen", []), *softmax})
+    skip = sorted({*a.get("skip_layers", []), *softmax})  # chosen or by hand, the record's skip_layers
     return opts + ([f"skip_layers={json.dumps(skip)}"] if skip else []) + ([f"sparse_cache={sparse}"] if sparse else [])
 
 
@@ -90,7 +90,7 @@ def main() -> None:
     TABLE_ONLY = args.table_only
     work = Path(args.work)
     configs = {"original (softmax, full KV cache)": (ORIGINAL, [], None),
-               "neither": (args.linear, [], attention_options(args.linear, None))}
+               "neither": (args.linear, ["--sparse-cache", "0"], attention_options(args.linear, None))}  # a recorded cache off
     for g in args.sparse_cache:
         configs[f"sparse cache G={g}"] = (args.linear, ["--sparse-cache", str(g)], attention_options(args.linear, g))
     if args.restore_layers:

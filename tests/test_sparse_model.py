@@ -151,6 +151,7 @@ def test_a_sparse_cache_added_after_training(tiny_run):
     evals = {o: json.loads((root / o / "lolcats_config.json").read_text())["evals"] for o in ("plain", "late")}
     assert evals["late"]["stage1"] == evals["plain"]["stage1"]  # stage 1 is measured as trained
     assert evals["late"]["stage2"] != evals["plain"]["stage2"]  # the finished model has the cache
+    assert "a sparse cache of 2 pairs per key/value head added after training" in (late / "report.md").read_text()
     layers = [m for m in load(late).modules() if isinstance(m, LolcatsAttention)]
     assert layers and all(m.spec.sparse == 2 for m in layers)
     # another G after training: the run resumes (nothing trained again), records and measures the new G
