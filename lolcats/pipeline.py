@@ -242,7 +242,7 @@ class Run:
 
     def long_context(self) -> None:
         """The final model's perplexity by position on long windows and passkey accuracy (``report.long_context``)."""
-        tag = self.add_inference_cache()
+        tag = self.add_inference_cache()  # the final model from here on (finish samples it), stage 2 run or not
         if self._long is not None:
             self._long.perplexity("final", self.final, tag=tag)
             self._long.passkey("final", self.final, tag=tag)
@@ -363,16 +363,16 @@ class Run:
     def add_inference_cache(self) -> str:
         """Give the trained model a sparse cache kept out of training; returns the tag its measurements are cached under."""
         a = self.cfg.attention
-        if a.training().sparse_cache != a.sparse_cache:
-            set_sparse_cache(self.final, a.sparse_cache)
-        return "" if a.training().sparse_cache == a.sparse_cache else f" sparse_cache {a.sparse_cache}"
+        if a.training() is a:
+            return ""
+        set_sparse_cache(self.final, a.sparse_cache)
+        return f" sparse_cache {a.sparse_cache}"
 
     def finish(self) -> RunResult:
         """Write report.md (when enabled) and mark the run complete."""
         c, d = self.cfg, self.cfg.data
         table = ""
         report_path = self.out / REPORT_FILE
-        self.add_inference_cache()
         if self.reporting:  # under sharding every rank generates the samples (the same text)
             samples = [(p, generate_text(self.final, self.tokenizer, p, c.report.sample_tokens))
                        for p in c.report.samples]

@@ -125,11 +125,15 @@ def write_report(path: Path, info: dict[str, Any]) -> str:
     if info.get("source_note"):
         parts += [f"Base model: {info['source_note']}.", ""]
     a = info["attention"]
-    extras = ([f"{a['sink_tokens']} sink tokens"] if a.get("sink_tokens") else []) + (
-        [f"decay (λ₀ {a['decay_init']})"] if a.get("decay") else []) + (
-        [f"a sparse cache of {a['sparse_cache']} pairs per key/value head" + (
-            "" if a.get("sparse_cache_training", True) else " added after training (the stage-1 row is without it)")]
-        if a.get("sparse_cache") else [])
+    extras = []
+    if a.get("sink_tokens"):
+        extras.append(f"{a['sink_tokens']} sink tokens")
+    if a.get("decay"):
+        extras.append(f"decay (λ₀ {a['decay_init']})")
+    if a.get("sparse_cache"):
+        late = not a.get("sparse_cache_training", True)
+        extras.append(f"a sparse cache of {a['sparse_cache']} pairs per key/value head"
+                      + (" added after training (the stage-1 row is without it)" if late else ""))
     parts += [
         f"Variant `{a['variant']}`, window {a['window_size']}, feature map `{a['feature_map']}` (f = "
         f"{a['feature_dim']}, init `{a['feature_init']}`){''.join('; ' + e for e in extras)}. Created {info['date']} "
