@@ -3,8 +3,8 @@
     .venv/bin/python scripts/ablate_long_context.py [--budget half|full] [--only NAME ...] [--work DIR]
 
 Every configuration is the demo recipe (recipes/smollm2_135m.yaml) plus its options, trained by
-``lolcats linearize`` in its own process (resumable: a finished run is reused), at the demo's token budget
-or half of it. Then, in one process per configuration:
+``lolcats linearize`` in its own process (resumable: a finished run is reused), at 96 + 24 chunks (the
+demo's budget until 2026-12-03) or half of it. Then, in one process per configuration:
 
 * short context: perplexity over the demo report's 1,024-token windows (State of the Union from 2008,
   Moby-Dick from the start), as in the README's table;
@@ -36,7 +36,8 @@ DECAY = 0.998  # λ₀ of the combined configurations, chosen from the hand-set 
 
 
 def configs(budget: str) -> dict[str, list[str]]:
-    """Recipe overrides per configuration; the token budget is the demo's (96 + 24 chunks of 1,024) or half.
+    """Recipe overrides per configuration; the token budget is 96 + 24 chunks of 1,024
+    (the demo's until 2026-12-03; it trains 80 + 20 now) or half.
     The demo recipe now sets sinks, decay and position offsets itself: every configuration first turns all three
     off, then adds its own."""
     half = budget == "half"
