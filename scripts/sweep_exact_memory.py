@@ -26,14 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lolcats.attention import LolcatsAttention  # noqa: E402
 from lolcats.checkpoint import load_model_any  # noqa: E402
+from lolcats.cli_common import nonneg_int, positive_int  # noqa: E402
+from lolcats.convert import linearized_layers  # noqa: E402
 from lolcats.eval.passkey import passkey_accuracy  # noqa: E402
 
 
 def set_exact_memory(model: torch.nn.Module, cache: int, sinks: int) -> int:
     """G = ``cache`` and s = ``sinks`` in every linearized layer (G unbounded); returns the layers changed."""
-    layers = [m for m in model.modules() if isinstance(m, LolcatsAttention)]
+    layers = linearized_layers(model)
     for m in layers:
         m.attn_config = replace(m.attn_config, sparse_cache=min(cache, 256), sink_tokens=sinks)
         m.spec = replace(m.spec, sparse=cache, sinks=sinks)
@@ -43,18 +44,16 @@ def set_exact_memory(model: torch.nn.Module, cache: int, sinks: int) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a finished out_dir (linearized)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048])
-    p.add_argument("--sparse-cache", type=int, nargs="+", default=[0, 256, 512, 1024, 2048])
-    p.add_argument("--sinks", type=int, nargs="+", default=[4])
-    p.add_argument("--trials", type=int, default=2, help="prompts per depth (5 depths)")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[2048])
+    p.add_argument("--sparse-cache", type=nonneg_int, nargs="+", default=[0, 256, 512, 1024, 2048])
+    p.add_argument("--sinks", type=nonneg_int, nargs="+", default=[4])
+    p.add_argument("--trials", type=positive_int, default=2, help="prompts per depth (5 depths)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
-    if any(g < 0 for g in args.sparse_cache) or any(s < 0 for s in args.sinks):
-        p.error("--sparse-cache and --sinks take non-negative integers")
     torch.set_num_threads(2)
     model, tokenizer = load_model_any(args.model)
-    if not set_exact_memory(model, 0, args.sinks[0]):
+    if not linearized_layers(model):
         p.error(f"{args.model} has no linearized layer; give a linearized out_dir")
     rows = []
     for sinks in args.sinks:
